@@ -1,0 +1,134 @@
+"""Finding plugins: entry points of group ``kvbm``, loaded through pluggy.
+
+Operations (any process):
+- ``get_plugin_manager(blocked=())``: a manager with the hookspecs added and every installed
+  ``kvbm`` entry point registered under its entry-point name, except the blocked ones.
+- ``load_tier_specs(pm, required=())``: tier specs by name; a required tier that no plugin
+  provides raises :class:`PluginNotFoundError` naming it.
+- ``load_discovery_backend(pm, name)``: the backend spec called ``name``, or the same error.
+- ``plugin_distributions(pm)``: which distribution and version each plugin came from.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+from kvbm_core import hookspecs
+
+if TYPE_CHECKING:
+    from kvbm_core.config import KvbmConfig
+    from kvbm_core.layout import KvLayout
+    from kvbm_core.transfer import Storage, TransferHandler
+
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "PluginNotFoundError",
+    "TierContext",
+    "TierSpec",
+    "DiscoveryBackendSpec",
+    "get_plugin_manager",
+    "load_tier_specs",
+    "load_discovery_backend",
+    "plugin_distributions",
+]
+
+ENTRY_POINT_GROUP = "kvbm"
+
+
+class PluginNotFoundError(LookupError):
+    pass
+
+
+@dataclass(frozen=True)
+class TierContext:
+    """What a tier's factories get: one rank's layout and slot count, and the config."""
+
+    layout: KvLayout
+    num_slots: int
+    rank: int = 0
+    world_size: int = 1
+    device: str = "cpu"
+    config: KvbmConfig | None = None
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TierSpec:
+    """A tier contributed by a plugin.
+
+    ``make_storage(ctx)`` builds one rank's storage. ``make_handlers(storages, ctx)`` gets every
+    storage of the worker by medium (the GPU pool under ``"gpu"``) and returns the handlers for
+    the pairs this tier moves (each pair is handled by exactly one tier).
+    """
+
+    name: str
+    medium: str
+    level: int
+    make_storage: Callable[[TierContext], Storage]
+    make_handlers: Callable[[Mapping[str, Storage], TierContext], list[TransferHandler]]
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class DiscoveryBackendSpec:
+    name: str
+    make: Callable[[KvbmConfig], Any]
+    description: str = ""
+
+
+def get_plugin_manager(blocked: Iterable[str] = ()) -> pluggy.PluginManager:
+    pm = pluggy.PluginManager(ENTRY_POINT_GROUP)
+    pm.add_hookspecs(hookspecs)
+    for name in blocked:
+        pm.set_blocked(name)
+    pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
+    return pm
+
+
+def _collect(pm: pluggy.PluginManager, hook_name: str) -> dict[str, tuple[str, Any]]:
+    found: dict[str, tuple[str, Any]] = {}
+    hook = getattr(pm.hook, hook_name)
+    for impl in hook.get_hookimpls():
+        for spec in impl.function() or []:
+            plugin_name = impl.plugin_name
+            if spec.name in found:
+                raise ValueError(
+                    f"{hook_name}: {spec.name!r} is provided by both plugin "
+                    f"{found[spec.name][0]!r} and plugin {plugin_name!r}; block one (KVBM_DISABLED_PLUGINS)"
+                )
+            found[spec.name] = (plugin_name, spec)
+    return found
+
+
+def load_tier_specs(pm: pluggy.PluginManager, required: Iterable[str] = ()) -> dict[str, TierSpec]:
+    specs = {name: spec for name, (_, spec) in _collect(pm, "kvbm_tier_specs").items()}
+    missing = [name for name in required if name not in specs]
+    if missing:
+        raise PluginNotFoundError(
+            f"tier plugin(s) {', '.join(map(repr, missing))} configured but not installed; "
+            f"found: {sorted(specs) or 'none'}. Install the package that provides it "
+            f"(e.g. kvbm-tiers-{missing[0]}) or remove it from the config."
+        )
+    return dict(sorted(specs.items(), key=lambda item: item[1].level))
+
+
+def load_discovery_backend(pm: pluggy.PluginManager, name: str) -> DiscoveryBackendSpec:
+    specs = {n: spec for n, (_, spec) in _collect(pm, "kvbm_discovery_backends").items()}
+    if name not in specs:
+        raise PluginNotFoundError(
+            f"discovery backend {name!r} (KVBM_DISCOVERY) is not installed; found: "
+            f"{sorted(specs) or 'none'}. Install kvbm-discovery or pick one of those."
+        )
+    return specs[name]
+
+
+def plugin_distributions(pm: pluggy.PluginManager) -> list[tuple[str, str, str]]:
+    """``(plugin name, distribution, version)`` for every plugin loaded from an entry point."""
+    rows = []
+    for plugin, dist in pm.list_plugin_distinfo():
+        rows.append((pm.get_name(plugin) or "?", dist.metadata["name"], dist.version))
+    return sorted(rows)

@@ -1,0 +1,1 @@
+"""kvbm-tiers-cpu."""
