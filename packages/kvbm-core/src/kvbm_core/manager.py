@@ -1,0 +1,515 @@
+"""The block manager: the leader's planner over every tier below the GPU.
+
+Runs in the leader process (TensorRT-LLM's scheduler, rank 0); holds no KV bytes. It turns
+the engine's per-request calls into compact, picklable :class:`IterationPlan`s of
+:class:`~kvbm_core.transfer.TransferJob`s that every worker executes, and applies the workers'
+:class:`~kvbm_core.transfer.JobResult`s back.
+
+Operations, in the order an engine calls them:
+- ``lookup(request_id, token_ids, num_computed_tokens, salt)``: the longest contiguous run of
+  full blocks after the device's own hit that the tiers hold (host first, disk continuing
+  where host stops, block by block), pinned for reading. Always leaves at least one prompt
+  token to compute. Returns a :class:`Match`.
+- ``prepare_load(request_id, block_ids)``: the GPU blocks the match loads into; queues the load
+  jobs for the next plan.
+- ``schedule(request_id, new_tokens, new_block_ids, computed_position, num_scheduled_tokens)``:
+  the request's tokens and blocks so far; queues write-through stores (GPU -> host, or GPU ->
+  disk without a host tier) for every full block this iteration completes, skipping blocks
+  that came from a device or tier hit.
+- ``build_plan()``: drains what was queued into one :class:`IterationPlan`.
+- ``finish(request_id)``: the request ended; True while jobs that touch its GPU blocks are
+  pending (the engine must keep the blocks until the workers report them).
+- ``apply_results(rank, results)``: a job completes once every rank reported it; a block is
+  readable only after every rank wrote it; a failure on any rank rolls the store back or
+  drops the loaded blocks, and corrupt blocks leave the index.
+- ``cancel(request_id)``: forget a request that never ran (unpins its reads).
+
+Host blocks that become readable are copied on to disk when the admission policy admits them
+(sighted twice by default: stored, then hit), so hot prefixes survive a restart.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from kvbm_core.admission import AdmissionPolicy, AlwaysAdmit
+from kvbm_core.events import BlockRemoved, BlockStored, EventSink, KvEvent
+from kvbm_core.hashing import block_hashes
+from kvbm_core.index import TierIndex
+from kvbm_core.metrics import KvbmStats
+from kvbm_core.transfer import CPU, DISK, GPU, JobResult, TransferJob
+
+__all__ = ["BlockManager", "IterationPlan", "Match", "TierSlots"]
+
+
+@dataclass(frozen=True, slots=True)
+class TierSlots:
+    """A tier the manager plans for: its name and medium, and its size in blocks."""
+
+    name: str
+    medium: str
+    num_slots: int
+
+
+@dataclass(frozen=True, slots=True)
+class Match:
+    num_tokens: int = 0
+    num_host_blocks: int = 0
+    num_disk_blocks: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class IterationPlan:
+    """What every worker does this iteration.
+
+    ``jobs`` whose source is the GPU wait for the forward pass; the others start at once.
+    ``load_job_ids`` maps a request to the jobs that must finish before its KV is loaded;
+    ``gpu_job_ids`` to every job reading or writing its GPU blocks. Loads of requests in
+    ``sync_request_ids`` must land before this iteration's forward pass reads them.
+    """
+
+    iteration: int
+    jobs: tuple[TransferJob, ...] = ()
+    load_job_ids: dict[int, tuple[int, ...]] = field(default_factory=dict)
+    gpu_job_ids: dict[int, tuple[int, ...]] = field(default_factory=dict)
+    sync_request_ids: tuple[int, ...] = ()
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.jobs
+
+
+@dataclass(slots=True)
+class _Request:
+    request_id: int
+    salt: int
+    token_ids: list[int]
+    block_ids: list[int] = field(default_factory=list)
+    hashes: list[int] = field(default_factory=list)
+    num_skip_blocks: int = 0
+    num_planned_blocks: int = 0
+    load_sources: list[tuple[TierIndex, int]] = field(default_factory=list)
+    first_load_block: int = 0
+    pending_job_ids: set[int] = field(default_factory=set)
+    is_finished: bool = False
+    is_sync_load: bool = False
+
+
+@dataclass(slots=True)
+class _JobRecord:
+    job: TransferJob
+    request_id: int | None
+    src_index: TierIndex | None
+    src_slots: tuple[int, ...]
+    dst_index: TierIndex | None
+    token_blocks: tuple[tuple[int, ...], ...]
+    parent_hash: int | None
+    remaining_ranks: set[int]
+    planned_at: float
+    num_bytes: int = 0
+    ok: bool = True
+    errors: list[str] = field(default_factory=list)
+    bad_hashes: set[int] = field(default_factory=set)
+
+
+class BlockManager:
+    def __init__(
+        self,
+        tiers: Sequence[TierSlots],
+        block_size: int,
+        num_ranks: int = 1,
+        bytes_per_block: int = 0,
+        admission: AdmissionPolicy | None = None,
+        events: EventSink | None = None,
+        stats: KvbmStats | None = None,
+        clock=time.monotonic,
+    ) -> None:
+        if block_size <= 0:
+            raise ValueError(f"block_size must be positive, got {block_size}")
+        self.block_size = block_size
+        self.num_ranks = num_ranks
+        self.bytes_per_block = bytes_per_block
+        self.indexes = {tier.name: TierIndex(tier.name, tier.num_slots) for tier in tiers}
+        self._media = {tier.name: tier.medium for tier in tiers}
+        self.host = next((self.indexes[t.name] for t in tiers if t.medium == CPU), None)
+        self.disk = next((self.indexes[t.name] for t in tiers if t.medium == DISK), None)
+        self.admission: AdmissionPolicy = admission or AlwaysAdmit()
+        self.events = events
+        self.stats = stats or KvbmStats()
+        self._clock = clock
+        self._requests: dict[int, _Request] = {}
+        self._jobs: dict[int, _JobRecord] = {}
+        self._queued: list[TransferJob] = []
+        self._queued_sync: list[int] = []
+        self._job_ids = itertools.count(1)
+        self._iterations = itertools.count(0)
+        self._pending_events: list[KvEvent] = []
+
+    # ---- lookup and loads ------------------------------------------------------------------
+
+    def lookup(
+        self,
+        request_id: int,
+        token_ids: Sequence[int],
+        num_computed_tokens: int,
+        salt: int,
+        is_sync_load: bool = False,
+    ) -> Match:
+        self.cancel(request_id)
+        request = _Request(request_id, salt, list(token_ids), is_sync_load=is_sync_load)
+        request.hashes = block_hashes(request.token_ids, self.block_size, salt)
+        self._requests[request_id] = request
+        num_prompt = len(request.token_ids)
+        first_block, misaligned = divmod(num_computed_tokens, self.block_size)
+        request.num_skip_blocks = request.num_planned_blocks = min(first_block, len(request.hashes))
+        if misaligned or num_computed_tokens >= num_prompt:
+            # A device hit ending inside a block (partial reuse) cannot continue a block chain.
+            return Match()
+        # Leave at least one prompt token to compute: never load the block holding the last token.
+        last_loadable = min(len(request.hashes), (num_prompt - 1) // self.block_size)
+        sources = self._match(request.hashes[first_block:last_loadable])
+        for index, group in itertools.groupby(sources, key=lambda s: s[0]):
+            hashes = [h for _, h in group]
+            slots = index.pin(hashes)
+            request.load_sources.extend((index, slot) for slot in slots)
+        for index, block_hash in sources:
+            self._note_sighting(index, block_hash)
+        request.first_load_block = first_block
+        request.num_skip_blocks = request.num_planned_blocks = first_block + len(sources)
+        num_host = sum(1 for index, _ in sources if index is self.host)
+        match = Match(len(sources) * self.block_size, num_host, len(sources) - num_host)
+        self.stats.record_lookup(
+            num_prompt - num_computed_tokens,
+            match.num_host_blocks * self.block_size,
+            match.num_disk_blocks * self.block_size,
+        )
+        self.stats.add("matched_tokens", match.num_tokens)
+        return match
+
+    def _match(self, hashes: Sequence[int]) -> list[tuple[TierIndex, int]]:
+        sources = []
+        for block_hash in hashes:
+            if self.host is not None and self.host.is_readable(block_hash):
+                sources.append((self.host, block_hash))
+            elif self.disk is not None and self.disk.is_readable(block_hash):
+                sources.append((self.disk, block_hash))
+            else:
+                break
+        return sources
+
+    def _note_sighting(self, index: TierIndex, block_hash: int) -> None:
+        # A host hit is a second sighting of a block: the admission policy may now send it to disk.
+        if index is self.host and self.disk is not None and block_hash not in self.disk:
+            if self.admission.should_admit(block_hash):
+                self._queue_host_to_disk([block_hash])
+
+    def prepare_load(self, request_id: int, block_ids: Sequence[int]) -> list[TransferJob]:
+        """Queue the loads of ``lookup``'s match into ``block_ids`` (all of the request's blocks)."""
+        request = self._requests.get(request_id)
+        if request is None or not request.load_sources:
+            return []
+        first = request.first_load_block
+        num_blocks = len(request.load_sources)
+        if len(block_ids) < first + num_blocks:
+            self.cancel(request_id)
+            raise ValueError(
+                f"request {request_id}: {len(block_ids)} GPU blocks allocated, "
+                f"{first + num_blocks} needed for the matched prefix"
+            )
+        request.block_ids = list(block_ids)
+        jobs = []
+        position = first
+        sources = request.load_sources
+        for index, group in itertools.groupby(sources, key=lambda s: s[0]):
+            slots = tuple(slot for _, slot in group)
+            gpu_ids = tuple(block_ids[position : position + len(slots)])
+            hashes = tuple(request.hashes[position : position + len(slots)])
+            job = TransferJob(next(self._job_ids), self._media[index.name], GPU, slots, gpu_ids, hashes)
+            self._record(job, request, src_index=index, src_slots=slots)
+            jobs.append(job)
+            position += len(slots)
+        request.load_sources = []
+        self._queued.extend(jobs)
+        if request.is_sync_load and jobs:
+            self._queued_sync.append(request_id)
+        return jobs
+
+    # ---- stores ----------------------------------------------------------------------------
+
+    def schedule(
+        self,
+        request_id: int,
+        new_tokens: Sequence[int],
+        new_block_ids: Sequence[int],
+        computed_position: int,
+        num_scheduled_tokens: int,
+        is_new: bool = False,
+        salt: int | None = None,
+    ) -> None:
+        """Record a scheduled request's deltas and queue stores for blocks it completes.
+
+        ``is_new`` marks the request's first report, which carries its whole prompt and every
+        block allocated for it (the lookup already saw the prompt).
+        """
+        request = self._requests.get(request_id)
+        if request is None:
+            # A request kvbm never looked up (e.g. the engine skipped the lookup): track it from here.
+            request = _Request(request_id, 0 if salt is None else salt, [])
+            self._requests[request_id] = request
+        if is_new:
+            request.token_ids = list(new_tokens)
+            request.block_ids = list(new_block_ids)
+        else:
+            request.token_ids.extend(new_tokens)
+            request.block_ids.extend(new_block_ids)
+        num_done = min(computed_position + num_scheduled_tokens, len(request.token_ids))
+        num_complete = min(num_done // self.block_size, len(request.block_ids))
+        if num_complete <= request.num_planned_blocks:
+            return
+        self._extend_hashes(request, num_complete)
+        first = request.num_planned_blocks
+        request.num_planned_blocks = num_complete
+        if first < request.num_skip_blocks:
+            first = request.num_skip_blocks
+        if first < num_complete:
+            self._queue_gpu_store(request, first, num_complete)
+
+    def _extend_hashes(self, request: _Request, num_blocks: int) -> None:
+        have = len(request.hashes)
+        if have >= num_blocks:
+            return
+        parent = request.hashes[-1] if have else None
+        tokens = request.token_ids[have * self.block_size : num_blocks * self.block_size]
+        request.hashes.extend(block_hashes(tokens, self.block_size, request.salt, parent))
+
+    def _queue_gpu_store(self, request: _Request, first: int, end: int) -> None:
+        index = self.host or self.disk
+        if index is None:
+            return
+        hashes = request.hashes[first:end]
+        allocation = index.prepare_store(hashes)
+        if allocation is None:
+            self.stats.add("store_skipped_full", len(hashes))
+            return
+        self._note_evicted(index, allocation.evicted_hashes)
+        self.stats.add("store_skipped_full", len(allocation.skipped_hashes))
+        if not allocation.block_hashes:
+            return
+        position = {h: first + i for i, h in enumerate(hashes)}
+        blocks = [position[h] for h in allocation.block_hashes]
+        gpu_ids = tuple(request.block_ids[b] for b in blocks)
+        job = TransferJob(
+            next(self._job_ids), GPU, self._media[index.name], gpu_ids, allocation.slots,
+            allocation.block_hashes,
+        )
+        token_blocks = tuple(
+            tuple(request.token_ids[b * self.block_size : (b + 1) * self.block_size]) for b in blocks
+        )
+        parent = request.hashes[blocks[0] - 1] if blocks[0] else None
+        self._record(job, request, dst_index=index, token_blocks=token_blocks, parent_hash=parent)
+        self._queued.append(job)
+
+    def _queue_host_to_disk(self, hashes: Sequence[int]) -> None:
+        assert self.host is not None and self.disk is not None
+        hashes = [h for h in hashes if self.host.is_readable(h)]
+        allocation = self.disk.prepare_store(hashes) if hashes else None
+        if allocation is None:
+            return
+        self._note_evicted(self.disk, allocation.evicted_hashes)
+        if not allocation.block_hashes:
+            return
+        src_slots = tuple(self.host.pin(allocation.block_hashes))
+        job = TransferJob(
+            next(self._job_ids), CPU, DISK, src_slots, allocation.slots, allocation.block_hashes
+        )
+        self._record(job, None, src_index=self.host, src_slots=src_slots, dst_index=self.disk)
+        self._queued.append(job)
+
+    # ---- plans and results -----------------------------------------------------------------
+
+    def build_plan(self) -> IterationPlan:
+        jobs, self._queued = tuple(self._queued), []
+        sync_ids, self._queued_sync = tuple(self._queued_sync), []
+        load_ids: dict[int, list[int]] = {}
+        gpu_ids: dict[int, list[int]] = {}
+        for job in jobs:
+            request_id = self._jobs[job.job_id].request_id
+            if request_id is None:
+                continue
+            gpu_ids.setdefault(request_id, []).append(job.job_id)
+            if job.dst == GPU:
+                load_ids.setdefault(request_id, []).append(job.job_id)
+        self._flush_events()
+        return IterationPlan(
+            next(self._iterations),
+            jobs,
+            {r: tuple(j) for r, j in load_ids.items()},
+            {r: tuple(j) for r, j in gpu_ids.items()},
+            sync_ids,
+        )
+
+    def apply_results(self, rank: int, results: Iterable[JobResult]) -> None:
+        for result in results:
+            record = self._jobs.get(result.job_id)
+            if record is None or rank not in record.remaining_ranks:
+                continue  # unknown or duplicate report: nothing to apply twice
+            record.remaining_ranks.discard(rank)
+            record.num_bytes += result.num_bytes
+            if not result.ok:
+                record.ok = False
+                record.errors.append(f"rank {rank}: {result.error}")
+                record.bad_hashes.update(result.bad_block_hashes)
+            if not record.remaining_ranks:
+                self._complete(record)
+        self._flush_events()
+
+    def _complete(self, record: _JobRecord) -> None:
+        del self._jobs[record.job.job_id]
+        job = record.job
+        if record.src_index is not None:
+            record.src_index.unpin(record.src_slots)
+        if record.bad_hashes and record.src_index is not None:
+            removed = record.src_index.remove(record.bad_hashes)
+            self.stats.add("corrupt_blocks", len(removed))
+            self._note_evicted(record.src_index, removed, evicted=False)
+        if record.dst_index is not None:
+            record.dst_index.complete_store(job.block_hashes, record.ok)
+        if not record.ok:
+            self.stats.add("failed_transfers")
+        else:
+            self._count_transfer(job, record)
+        if record.ok and record.dst_index is not None:
+            self._on_stored(record)
+        if record.request_id is not None:
+            request = self._requests.get(record.request_id)
+            if request is not None:
+                request.pending_job_ids.discard(job.job_id)
+                if request.is_finished and not request.pending_job_ids:
+                    del self._requests[record.request_id]
+
+    def _count_transfer(self, job: TransferJob, record: _JobRecord) -> None:
+        direction = {
+            (GPU, CPU): "offload_{}_d2h",
+            (CPU, DISK): "offload_{}_h2d",
+            (GPU, DISK): "offload_{}_d2d",
+            (CPU, GPU): "onboard_{}_h2d",
+            (DISK, GPU): "onboard_{}_d2d",
+        }.get((job.src, job.dst))
+        if direction is None:
+            return
+        self.stats.add(direction.format("blocks"), job.num_blocks)
+        self.stats.add(direction.format("bytes"), record.num_bytes)
+        kind = "onboard_latency_seconds" if job.dst == GPU else "offload_latency_seconds"
+        self.stats.observe(kind, self._clock() - record.planned_at)
+
+    def _on_stored(self, record: _JobRecord) -> None:
+        job = record.job
+        medium = self._media[record.dst_index.name] if record.dst_index else job.dst
+        if record.token_blocks and self.events is not None:
+            self._pending_events.append(
+                BlockStored(
+                    medium, job.block_hashes, record.parent_hash,
+                    tuple(t for block in record.token_blocks for t in block), self.block_size,
+                )
+            )
+        elif self.events is not None:
+            self._pending_events.append(BlockStored(medium, job.block_hashes, None, (), self.block_size))
+        if record.dst_index is self.host and self.disk is not None:
+            admitted = [h for h in job.block_hashes if self.admission.should_admit(h)]
+            if admitted:
+                self._queue_host_to_disk(admitted)
+
+    def _note_evicted(self, index: TierIndex, hashes: Sequence[int], evicted: bool = True) -> None:
+        if not hashes:
+            return
+        if evicted:
+            name = "evicted_blocks_host" if index is self.host else "evicted_blocks_disk"
+            self.stats.add(name, len(hashes))
+        if self.events is not None:
+            self._pending_events.append(BlockRemoved(self._media[index.name], tuple(hashes)))
+
+    def _flush_events(self) -> None:
+        if self._pending_events and self.events is not None:
+            events, self._pending_events = self._pending_events, []
+            self.events.publish(events)
+        self._update_occupancy()
+
+    def _update_occupancy(self) -> None:
+        for index, prefix in ((self.host, "host"), (self.disk, "disk")):
+            if index is not None:
+                self.stats.set(f"{prefix}_cache_used_blocks", index.num_used)
+                self.stats.set(f"{prefix}_cache_capacity_blocks", index.num_slots)
+
+    def _record(
+        self,
+        job: TransferJob,
+        request: _Request | None,
+        src_index: TierIndex | None = None,
+        src_slots: tuple[int, ...] = (),
+        dst_index: TierIndex | None = None,
+        token_blocks: tuple[tuple[int, ...], ...] = (),
+        parent_hash: int | None = None,
+    ) -> None:
+        self._jobs[job.job_id] = _JobRecord(
+            job,
+            request.request_id if request is not None else None,
+            src_index,
+            src_slots,
+            dst_index,
+            token_blocks,
+            parent_hash,
+            set(range(self.num_ranks)),
+            self._clock(),
+        )
+        if request is not None:
+            request.pending_job_ids.add(job.job_id)
+
+    # ---- request lifetime ------------------------------------------------------------------
+
+    def finish(self, request_id: int) -> bool:
+        """The request ended. True while jobs touching its GPU blocks are still pending."""
+        request = self._requests.get(request_id)
+        if request is None:
+            return False
+        self._unpin_unplanned(request)
+        if request.pending_job_ids:
+            request.is_finished = True
+            return True
+        del self._requests[request_id]
+        return False
+
+    def cancel(self, request_id: int) -> None:
+        """Forget a request whose loads were never planned; jobs already planned still complete."""
+        request = self._requests.get(request_id)
+        if request is None:
+            return
+        self._unpin_unplanned(request)
+        if request.pending_job_ids:
+            request.is_finished = True
+        else:
+            del self._requests[request_id]
+
+    def _unpin_unplanned(self, request: _Request) -> None:
+        for index, group in itertools.groupby(request.load_sources, key=lambda s: s[0]):
+            index.unpin([slot for _, slot in group])
+        request.load_sources = []
+
+    def is_pending(self, request_id: int) -> bool:
+        request = self._requests.get(request_id)
+        return request is not None and bool(request.pending_job_ids)
+
+    @property
+    def num_requests(self) -> int:
+        return len(self._requests)
+
+    @property
+    def num_pending_jobs(self) -> int:
+        return len(self._jobs)
+
+    def restore(self, tier_name: str, blocks: dict[int, int]) -> None:
+        """Seed a persistent tier's index with ``{hash: slot}`` its workers found on disk."""
+        self.indexes[tier_name].restore(blocks)
+        self._update_occupancy()
