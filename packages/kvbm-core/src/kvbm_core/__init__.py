@@ -10,6 +10,7 @@ from kvbm_core.hookspecs import hookimpl, hookspec
 from kvbm_core.layout import KvLayout, LayoutKind
 from kvbm_core.plugins import (
     DiscoveryBackendSpec,
+    PluginLoadError,
     PluginNotFoundError,
     TierContext,
     TierSpec,
@@ -40,6 +41,7 @@ __all__ = [
     "KvLayout",
     "KvbmConfig",
     "LayoutKind",
+    "PluginLoadError",
     "PluginNotFoundError",
     "Storage",
     "TierContext",

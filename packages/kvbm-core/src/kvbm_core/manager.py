@@ -136,9 +136,9 @@ class BlockManager:
         self._media = {tier.name: tier.medium for tier in tiers}
         self.host = next((self.indexes[t.name] for t in tiers if t.medium == CPU), None)
         self.disk = next((self.indexes[t.name] for t in tiers if t.medium == DISK), None)
-        self.admission: AdmissionPolicy = admission or AlwaysAdmit()
+        self.admission: AdmissionPolicy = admission if admission is not None else AlwaysAdmit()
         self.events = events
-        self.stats = stats or KvbmStats()
+        self.stats = stats if stats is not None else KvbmStats()
         self._clock = clock
         self._requests: dict[int, _Request] = {}
         self._jobs: dict[int, _JobRecord] = {}
@@ -175,8 +175,7 @@ class BlockManager:
             hashes = [h for _, h in group]
             slots = index.pin(hashes)
             request.load_sources.extend((index, slot) for slot in slots)
-        for index, block_hash in sources:
-            self._note_sighting(index, block_hash)
+        self._note_sightings([h for index, h in sources if index is self.host])
         request.first_load_block = first_block
         request.num_skip_blocks = request.num_planned_blocks = first_block + len(sources)
         num_host = sum(1 for index, _ in sources if index is self.host)
@@ -200,11 +199,14 @@ class BlockManager:
                 break
         return sources
 
-    def _note_sighting(self, index: TierIndex, block_hash: int) -> None:
-        # A host hit is a second sighting of a block: the admission policy may now send it to disk.
-        if index is self.host and self.disk is not None and block_hash not in self.disk:
-            if self.admission.should_admit(block_hash):
-                self._queue_host_to_disk([block_hash])
+    def _note_sightings(self, host_hashes: Sequence[int]) -> None:
+        # A host hit is another sighting of a block: the admission policy may now send it to disk.
+        if self.disk is None:
+            return
+        disk = self.disk
+        admitted = [h for h in host_hashes if h not in disk and self.admission.should_admit(h)]
+        if admitted:
+            self._queue_host_to_disk(admitted)
 
     def prepare_load(self, request_id: int, block_ids: Sequence[int]) -> list[TransferJob]:
         """Queue the loads of ``lookup``'s match into ``block_ids`` (all of the request's blocks)."""
@@ -263,9 +265,14 @@ class BlockManager:
             request.token_ids = list(new_tokens)
             request.block_ids = list(new_block_ids)
         else:
-            request.token_ids.extend(new_tokens)
-            request.block_ids.extend(new_block_ids)
-        num_done = min(computed_position + num_scheduled_tokens, len(request.token_ids))
+            if new_tokens:
+                request.token_ids.extend(new_tokens)
+            if new_block_ids:
+                request.block_ids.extend(new_block_ids)
+        num_done = computed_position + num_scheduled_tokens
+        if num_done < (request.num_planned_blocks + 1) * self.block_size:
+            return  # the common decode step: no block completes
+        num_done = min(num_done, len(request.token_ids))
         num_complete = min(num_done // self.block_size, len(request.block_ids))
         if num_complete <= request.num_planned_blocks:
             return

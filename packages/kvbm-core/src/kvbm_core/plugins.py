@@ -2,7 +2,8 @@
 
 Operations (any process):
 - ``get_plugin_manager(blocked=())``: a manager with the hookspecs added and every installed
-  ``kvbm`` entry point registered under its entry-point name, except the blocked ones.
+  ``kvbm`` entry point registered under its entry-point name, except the blocked ones. An
+  entry point that fails to load raises :class:`PluginLoadError` naming it and how to block it.
 - ``load_tier_specs(pm, required=())``: tier specs by name; a required tier that no plugin
   provides raises :class:`PluginNotFoundError` naming it.
 - ``load_discovery_backend(pm, name)``: the backend spec called ``name``, or the same error.
@@ -11,6 +12,7 @@ Operations (any process):
 
 from __future__ import annotations
 
+import importlib.metadata
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -27,6 +29,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ENTRY_POINT_GROUP",
     "PluginNotFoundError",
+    "PluginLoadError",
     "TierContext",
     "TierSpec",
     "DiscoveryBackendSpec",
@@ -40,6 +43,10 @@ ENTRY_POINT_GROUP = "kvbm"
 
 
 class PluginNotFoundError(LookupError):
+    pass
+
+
+class PluginLoadError(ImportError):
     pass
 
 
@@ -62,7 +69,9 @@ class TierSpec:
 
     ``make_storage(ctx)`` builds one rank's storage. ``make_handlers(storages, ctx)`` gets every
     storage of the worker by medium (the GPU pool under ``"gpu"``) and returns the handlers for
-    the pairs this tier moves (each pair is handled by exactly one tier).
+    the pairs this tier moves (each pair is handled by exactly one tier). ``requires`` names
+    the other tiers whose storages ``make_handlers`` needs (the disk tier's host<->disk
+    handlers need ``"cpu"``); the GPU pool is always there.
     """
 
     name: str
@@ -71,6 +80,7 @@ class TierSpec:
     make_storage: Callable[[TierContext], Storage]
     make_handlers: Callable[[Mapping[str, Storage], TierContext], list[TransferHandler]]
     description: str = ""
+    requires: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -85,8 +95,22 @@ def get_plugin_manager(blocked: Iterable[str] = ()) -> pluggy.PluginManager:
     pm.add_hookspecs(hookspecs)
     for name in blocked:
         pm.set_blocked(name)
-    pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
+    for entry_point in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        _load_entry_point(pm, entry_point)
     return pm
+
+
+def _load_entry_point(pm: pluggy.PluginManager, entry_point: importlib.metadata.EntryPoint) -> None:
+    # pluggy would let the bare ImportError escape, naming a module but not the plugin to block.
+    try:
+        pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP, name=entry_point.name)
+    except Exception as exc:
+        dist = entry_point.dist.name if entry_point.dist else "unknown distribution"
+        raise PluginLoadError(
+            f"kvbm plugin {entry_point.name!r} ({entry_point.value}, from {dist}) failed to "
+            f"load: {type(exc).__name__}: {exc}. Reinstall or fix that package, or block the "
+            f"plugin with KVBM_DISABLED_PLUGINS={entry_point.name}"
+        ) from exc
 
 
 def _collect(pm: pluggy.PluginManager, hook_name: str) -> dict[str, tuple[str, Any]]:
