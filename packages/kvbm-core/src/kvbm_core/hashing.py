@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import json
 import struct
-from itertools import accumulate
 from collections.abc import Sequence
+from itertools import accumulate
 
 import numpy as np
 import xxhash

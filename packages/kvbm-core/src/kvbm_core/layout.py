@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from enum import Enum
+from enum import StrEnum
 
 __all__ = ["KvLayout", "LayoutKind", "dtype_size"]
 
@@ -43,7 +43,7 @@ def dtype_size(dtype: str) -> int:
         ) from None
 
 
-class LayoutKind(str, Enum):
+class LayoutKind(StrEnum):
     FULLY_CONTIGUOUS = "fully_contiguous"
     LAYER_SEPARATE = "layer_separate"
 

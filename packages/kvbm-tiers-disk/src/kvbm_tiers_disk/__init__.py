@@ -1,1 +1,25 @@
-"""kvbm-tiers-disk."""
+"""kvbm-tiers-disk: the G3 tier (local disk) of kvbm.
+
+Public surface: ``DiskStorage`` (one rank's slots file and persistent index), the transfer
+handlers (``HostToDiskHandler``, ``DiskToHostHandler``, ``GpuToDiskHandler``,
+``DiskToGpuHandler``) and ``DiskBlockError``. The plugin module ``kvbm_tiers_disk.plugin`` is
+what kvbm loads through the ``kvbm`` entry point.
+"""
+
+from kvbm_tiers_disk.handlers import (
+    DiskToGpuHandler,
+    DiskToHostHandler,
+    GpuToDiskHandler,
+    HostToDiskHandler,
+)
+from kvbm_tiers_disk.storage import DiskBlockError, DiskStorage
+
+__all__ = [
+    "DiskBlockError",
+    "DiskStorage",
+    "DiskToGpuHandler",
+    "DiskToHostHandler",
+    "GpuToDiskHandler",
+    "HostToDiskHandler",
+]
+__version__ = "0.1.0"
