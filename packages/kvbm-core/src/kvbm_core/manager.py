@@ -269,6 +269,10 @@ class BlockManager:
                 request.token_ids.extend(new_tokens)
             if new_block_ids:
                 request.block_ids.extend(new_block_ids)
+        if is_new:
+            # On a sync load's first appearance the engine reports computed_position without the
+            # tokens kvbm loads in this very iteration; they are done all the same.
+            computed_position = max(computed_position, request.num_skip_blocks * self.block_size)
         num_done = computed_position + num_scheduled_tokens
         if num_done < (request.num_planned_blocks + 1) * self.block_size:
             return  # the common decode step: no block completes

@@ -1,0 +1,235 @@
+"""kvbm's TensorRT-LLM KV cache connector.
+
+Use it from the LLM API YAML (``trtllm-serve --extra_llm_api_options``)::
+
+    kv_connector_config:
+      connector_module: kvbm_trtllm.connector
+      connector_scheduler_class: KvbmConnectorLeader
+      connector_worker_class: KvbmConnectorWorker
+
+``DynamoKVBMConnectorLeader`` / ``DynamoKVBMConnectorWorker`` are the same classes under
+Dynamo's names, so moving from Dynamo's KVBM changes only ``connector_module``.
+
+- ``KvbmConnectorLeader`` (a ``KvCacheConnectorScheduler``; rank 0 only): looks prompts up in
+  the tiers, plans loads and write-through stores, and tracks completions. Returns ``(n,
+  True)`` (asynchronous load, the request parked until loaded) unless ``KVBM_ASYNC_LOAD=0``;
+  never ``(0, True)``; always leaves a prompt token to compute; ``request_finished`` is True
+  while jobs touching the request's GPU blocks are pending.
+- ``KvbmConnectorWorker`` (a ``KvCacheConnectorWorker``; every rank): executes each
+  iteration's plan on this rank's share of the tiers. Stores start after the forward pass on a
+  recorded CUDA event (through ``register_forward_pass_callable``, so CUDA graphs are fine);
+  ``get_finished`` returns only ids it was given, each once.
+
+Configuration comes from ``KVBM_*`` / ``DYN_KVBM_*`` environment variables; an engine without
+TensorRT-LLM may also pass a mapping as ``llm_args.extra["kvbm"]``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from kvbm_core.config import KvbmConfig
+from kvbm_core.plugins import get_plugin_manager, load_discovery_backend
+
+from kvbm_trtllm.leader import KvbmLeaderCore
+from kvbm_trtllm.trtllm_api import (
+    KvCacheConnectorScheduler,
+    KvCacheConnectorWorker,
+    SchedulerOutput,
+    current_rank,
+)
+from kvbm_trtllm.worker import KvbmWorkerCore, WorkerSetup, layout_from_pool
+
+log = logging.getLogger("kvbm.connector")
+
+__all__ = [
+    "KvbmConnectorLeader",
+    "KvbmConnectorWorker",
+    "DynamoKVBMConnectorLeader",
+    "DynamoKVBMConnectorWorker",
+]
+
+
+def load_config(llm_args: Any) -> KvbmConfig:
+    extra = getattr(llm_args, "extra", None)
+    overrides = extra.get("kvbm") if isinstance(extra, dict) else None
+    return KvbmConfig.from_env(overrides=overrides)
+
+
+def make_services(config: KvbmConfig) -> Any:
+    spec = load_discovery_backend(get_plugin_manager(config.disabled_plugins), config.discovery)
+    return spec.make(config)
+
+
+def tokens_per_block(llm_args: Any) -> int:
+    return int(llm_args.kv_cache_config.tokens_per_block)
+
+
+def world_size(llm_args: Any) -> int:
+    parallel = getattr(llm_args, "parallel_config", None)
+    if parallel is not None and getattr(parallel, "world_size", None):
+        return int(parallel.world_size)
+    return int(getattr(llm_args, "tensor_parallel_size", 1) or 1)
+
+
+def _check_supported(llm_args: Any) -> None:
+    pp = int(getattr(llm_args, "pipeline_parallel_size", 1) or 1)
+    if pp > 1:
+        raise NotImplementedError(
+            f"kvbm supports pipeline_parallel_size=1 only (got {pp}), as TensorRT-LLM's connector API does"
+        )
+    kv = getattr(llm_args, "kv_cache_config", None)
+    if kv is not None and getattr(kv, "enable_partial_reuse", False):
+        log.warning(
+            "kvbm: kv_cache_config.enable_partial_reuse is on; a device hit ending inside a block "
+            "cannot continue in kvbm's tiers. Set enable_partial_reuse: false for more hits."
+        )
+
+
+class KvbmConnectorLeader(KvCacheConnectorScheduler):
+    def __init__(self, llm_args: Any):
+        super().__init__(llm_args)
+        _check_supported(llm_args)
+        self.config = load_config(llm_args)
+        self.services = make_services(self.config)
+        model = getattr(llm_args, "model", None)
+        self.core = KvbmLeaderCore(
+            self.config, self.services, world_size(llm_args), tokens_per_block(llm_args),
+            None if model is None else str(model),
+        )
+        self.core.start()
+        self.metrics_server = None
+        if self.config.metrics:
+            from kvbm_trtllm.metrics import start_metrics_server
+
+            self.metrics_server = start_metrics_server(self.core.stats, self.config.metrics_port)
+
+    @property
+    def stats(self):
+        return self.core.stats
+
+    def _manager(self):
+        manager = self.core.wait_ready()
+        self.core.drain_results()
+        return manager
+
+    def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int, bool]:
+        manager = self._manager()
+        if getattr(request, "is_generation_only_request", False):
+            return 0, False
+        tokens = list(request.get_tokens(0))[: int(request.prompt_len)]
+        match = manager.lookup(
+            int(request.request_id), tokens, int(num_computed_tokens), self.core.salt_for(request),
+            is_sync_load=not self.config.async_load,
+        )
+        return match.num_tokens, bool(match.num_tokens) and self.config.async_load
+
+    def update_state_after_alloc(self, request: Any, block_ids: list[int]) -> None:
+        self._manager().prepare_load(int(request.request_id), list(block_ids))
+
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> object:
+        manager = self._manager()
+        for data in scheduler_output.new_requests:
+            manager.schedule(
+                data.request_id, data.new_tokens, data.new_block_ids, data.computed_position,
+                data.num_scheduled_tokens, is_new=True,
+            )
+        for data in scheduler_output.cached_requests:
+            manager.schedule(
+                data.request_id, data.new_tokens, data.new_block_ids, data.computed_position,
+                data.num_scheduled_tokens,
+            )
+        return manager.build_plan()
+
+    def request_finished(self, request: Any, cache_block_ids: list[int]) -> bool:
+        return self._manager().finish(int(request.request_id))
+
+    def shutdown(self) -> None:
+        if self.metrics_server is not None:
+            self.metrics_server.close()
+        self.core.close()
+        self.services.close()
+
+
+class KvbmConnectorWorker(KvCacheConnectorWorker):
+    def __init__(self, llm_args: Any):
+        super().__init__(llm_args)
+        _check_supported(llm_args)
+        self.config = load_config(llm_args)
+        self.services = make_services(self.config)
+        extra = getattr(llm_args, "extra", None)
+        head_dim = extra.get("head_dim") if isinstance(extra, dict) else None
+        self.setup = WorkerSetup(
+            rank=current_rank(), world_size=world_size(llm_args),
+            tokens_per_block=tokens_per_block(llm_args), head_dim=head_dim,
+        )
+        self.core = KvbmWorkerCore(self.config, self.setup, self.services)
+        self._last_iteration: int | None = None
+        self._is_cuda = False
+
+    def register_kv_caches(self, kv_cache_tensor: Any) -> None:
+        from kvbm_discovery import StoredBlocks
+
+        self._is_cuda = bool(getattr(kv_cache_tensor, "is_cuda", False))
+        layout = layout_from_pool(kv_cache_tensor, self.setup.tokens_per_block, self.setup.head_dim)
+        self.core.register_kv_caches([kv_cache_tensor], layout)
+        for tier, blocks in self.core.persisted_blocks().items():
+            self.services.control.send_to_leader(StoredBlocks(self.setup.rank, tier, blocks))
+
+    def register_forward_pass_callable(self):
+        return self._after_forward
+
+    def _record_event(self, stream: Any = None) -> Any:
+        if not self._is_cuda:
+            return None
+        import torch
+
+        event = torch.cuda.Event()
+        event.record(stream if stream is not None else torch.cuda.current_stream())
+        return event
+
+    def _after_forward(self) -> None:
+        if self.core.has_deferred_jobs:
+            self.core.after_forward(self._record_event())
+
+    def start_load_kv(self, stream: Any) -> None:
+        plan = self.get_connector_meta()
+        iteration = getattr(plan, "iteration", None)
+        if plan is None or iteration == self._last_iteration:
+            return  # nothing bound, or the same plan bound again on an idle iteration
+        self._last_iteration = iteration
+        self.core.start_iteration(plan)
+
+    def wait_for_layer_load(self, layer_idx: int, stream: Any) -> None:
+        pass  # loads land before the forward pass (sync) or before the request is scheduled (async)
+
+    def save_kv_layer(self, layer_idx: int, stream: Any) -> None:
+        pass  # stores start once the whole forward pass is done, on one event
+
+    def wait_for_save(self, stream: Any) -> None:
+        # Engines that never call the forward-pass callable still get their stores started here.
+        if self.core.has_deferred_jobs:
+            self.core.after_forward(self._record_event(stream))
+
+    def get_finished(
+        self, finished_gen_req_ids: list[int], started_loading_req_ids: list[int]
+    ) -> tuple[list[int], list[int]]:
+        return self.core.get_finished(finished_gen_req_ids, started_loading_req_ids)
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        """GPU blocks whose load failed since the last call; the engine must recompute them.
+
+        TensorRT-LLM 1.2 does not call this (vLLM's connectors have the same method); an
+        engine that does gets failed loads reported as finished, to recompute. One that does
+        not has those requests kept parked, never run on KV that did not arrive.
+        """
+        return self.core.take_load_errors()
+
+    def shutdown(self) -> None:
+        self.core.close()
+        self.services.close()
+
+
+DynamoKVBMConnectorLeader = KvbmConnectorLeader
+DynamoKVBMConnectorWorker = KvbmConnectorWorker
