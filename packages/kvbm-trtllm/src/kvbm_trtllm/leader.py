@@ -79,7 +79,7 @@ class KvbmLeaderCore:
         from kvbm_discovery import TierSizes
 
         peers = self.services.discovery.wait_for_peers(self.world_size)
-        workers = [info for info in peers.values() if info.role == "worker"]
+        workers = [info for info in peers if info.role == "worker"]
         bytes_per_block = sum(info.bytes_per_block for info in workers)
         sizes = self._tier_sizes(bytes_per_block)
         self.services.control.broadcast(TierSizes(sizes))

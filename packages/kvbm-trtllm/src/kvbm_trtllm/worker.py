@@ -65,6 +65,7 @@ class KvbmWorkerCore:
         self._failed_loads: dict[int, set[int]] = {}
         self._load_errors: set[int] = set()
         self._deferred: list[TransferJob] = []
+        self._dropped: list[JobResult] = []
         self.is_recovery_supported = False
 
     # ---- start-up --------------------------------------------------------------------------
@@ -156,7 +157,7 @@ class KvbmWorkerCore:
         deadline = time.monotonic() + self.config.leader_worker_init_timeout_secs
         request_ids = list(request_ids)
         while any(self._load_jobs.get(r) for r in request_ids):
-            self._collect(self.engine.poll())
+            self._collect(self._poll())
             if time.monotonic() > deadline:
                 raise TimeoutError(f"kvbm worker {self.setup.rank}: sync loads did not finish")
             time.sleep(0.0002)
@@ -173,7 +174,7 @@ class KvbmWorkerCore:
     def get_finished(
         self, finished_gen_req_ids: Iterable[int], started_loading_req_ids: Iterable[int]
     ) -> tuple[list[int], list[int]]:
-        self._collect(self.engine.poll())
+        self._collect(self._poll())
         with self._lock:
             self._saving.update(finished_gen_req_ids)
             self._loading.update(started_loading_req_ids)
@@ -189,6 +190,13 @@ class KvbmWorkerCore:
                 self._loading.discard(request_id)
                 self._load_jobs.pop(request_id, None)
         return done_saving, done_loading
+
+    def _poll(self) -> list[JobResult]:
+        results = self.engine.poll()
+        if self._dropped:
+            results.extend(self._dropped)
+            self._dropped = []
+        return results
 
     def _collect(self, results: list[JobResult]) -> None:
         if not results:
@@ -216,6 +224,13 @@ class KvbmWorkerCore:
 
     def _on_failed_load(self, request_id: int, job: TransferJob) -> None:
         self._load_errors.update(job.dst_ids)
+        # The engine recomputes from the failed block, so this iteration's forward pass will not
+        # write the blocks its stores were planned for: never copy them into a tier.
+        dropped = [j for j in self._deferred if self._job_request.get(j.job_id) == request_id]
+        if dropped:
+            self._deferred = [j for j in self._deferred if j not in dropped]
+            error = "not stored: a load of the same request failed and is being recomputed"
+            self._dropped.extend(JobResult(j.job_id, False, error=error) for j in dropped)
         self._failed_loads.setdefault(request_id, set()).update(job.dst_ids)
         if not self.is_recovery_supported:
             # Reporting the load finished would let the engine read KV that never arrived.

@@ -1,0 +1,58 @@
+"""The reference executor: a stand-in for TensorRT-LLM's PyTorch backend around a KV connector.
+
+A paged Llama-style model over a block pool in TensorRT-LLM's layout, driven by a loop that
+calls a KV cache connector exactly as PyExecutor does (see ``executor.py``). Used by tests, by
+``kvbm bench`` and by tier-plugin authors.
+
+    from kvbm_trtllm.executor import Executor, ModelConfig, PoolConfig, multi_turn_chat
+    result = Executor(ModelConfig.tiny(), PoolConfig(num_blocks=64), connector=None).run(
+        multi_turn_chat()
+    )
+"""
+
+from kvbm_trtllm.executor.executor import (
+    ConnectorContractError,
+    ConnectorSpec,
+    Executor,
+    resolve_connector,
+)
+from kvbm_trtllm.executor.model import ModelConfig, ReferenceModel, SequenceChunk
+from kvbm_trtllm.executor.null_connector import (
+    NULL_CONNECTOR,
+    NullConnectorScheduler,
+    NullConnectorWorker,
+)
+from kvbm_trtllm.executor.pool import BlockPool, PoolConfig
+from kvbm_trtllm.executor.results import IterationStats, RequestResult, RunResult
+from kvbm_trtllm.executor.tp import run_tp
+from kvbm_trtllm.executor.workloads import (
+    RequestSpec,
+    Workload,
+    long_document_qa,
+    multi_turn_chat,
+    prefix_repetition,
+)
+
+__all__ = [
+    "Executor",
+    "ConnectorContractError",
+    "ConnectorSpec",
+    "resolve_connector",
+    "ModelConfig",
+    "ReferenceModel",
+    "SequenceChunk",
+    "PoolConfig",
+    "BlockPool",
+    "RunResult",
+    "RequestResult",
+    "IterationStats",
+    "run_tp",
+    "RequestSpec",
+    "Workload",
+    "multi_turn_chat",
+    "long_document_qa",
+    "prefix_repetition",
+    "NULL_CONNECTOR",
+    "NullConnectorScheduler",
+    "NullConnectorWorker",
+]

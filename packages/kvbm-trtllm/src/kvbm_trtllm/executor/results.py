@@ -1,0 +1,101 @@
+"""What a reference-executor run reports: per request, per iteration, and in total.
+
+``RequestResult`` holds one request's output tokens, its time to first token (wall time from
+arrival to the first token being visible to the host), and where its prompt KV came from
+(device prefix reuse, the connector, or computed). ``IterationStats`` counts one iteration's
+batch. ``RunResult`` collects both, with totals.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass, field
+
+__all__ = ["RequestResult", "IterationStats", "RunResult"]
+
+
+@dataclass
+class RequestResult:
+    request_id: int
+    prompt_len: int
+    output_tokens: tuple[int, ...]
+    num_device_hit_tokens: int
+    num_connector_hit_tokens: int
+    is_async_load: bool
+    arrival_s: float
+    first_token_s: float
+    finish_s: float
+    arrival_iteration: int
+    admitted_iteration: int
+    first_token_iteration: int
+    finished_iteration: int
+
+    @property
+    def ttft_s(self) -> float:
+        return self.first_token_s - self.arrival_s
+
+    @property
+    def num_computed_prompt_tokens(self) -> int:
+        return self.prompt_len - self.num_device_hit_tokens - self.num_connector_hit_tokens
+
+
+@dataclass
+class IterationStats:
+    iteration: int
+    wall_s: float
+    num_context_requests: int
+    num_context_tokens: int
+    num_generation_requests: int
+    num_waiting: int
+    num_loading: int
+    num_saving: int
+    num_free_blocks: int
+    num_cached_blocks: int
+
+
+@dataclass
+class RunResult:
+    requests: dict[int, RequestResult]
+    iterations: list[IterationStats] = field(default_factory=list)
+    wall_s: float = 0.0
+    num_evicted_blocks: int = 0
+
+    @property
+    def outputs(self) -> dict[int, tuple[int, ...]]:
+        return {rid: r.output_tokens for rid, r in sorted(self.requests.items())}
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return sum(r.prompt_len for r in self.requests.values())
+
+    @property
+    def num_device_hit_tokens(self) -> int:
+        return sum(r.num_device_hit_tokens for r in self.requests.values())
+
+    @property
+    def num_connector_hit_tokens(self) -> int:
+        return sum(r.num_connector_hit_tokens for r in self.requests.values())
+
+    @property
+    def num_computed_prompt_tokens(self) -> int:
+        return sum(r.num_computed_prompt_tokens for r in self.requests.values())
+
+    def ttfts_s(self) -> list[float]:
+        return [r.ttft_s for _, r in sorted(self.requests.items())]
+
+    @property
+    def mean_ttft_s(self) -> float:
+        return statistics.fmean(self.ttfts_s()) if self.requests else 0.0
+
+    def summary(self) -> dict[str, float]:
+        return {
+            "num_requests": len(self.requests),
+            "num_iterations": len(self.iterations),
+            "wall_s": self.wall_s,
+            "mean_ttft_s": self.mean_ttft_s,
+            "num_prompt_tokens": self.num_prompt_tokens,
+            "num_device_hit_tokens": self.num_device_hit_tokens,
+            "num_connector_hit_tokens": self.num_connector_hit_tokens,
+            "num_computed_prompt_tokens": self.num_computed_prompt_tokens,
+            "num_evicted_blocks": self.num_evicted_blocks,
+        }

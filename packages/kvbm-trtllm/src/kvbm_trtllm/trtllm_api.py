@@ -1,0 +1,252 @@
+"""TensorRT-LLM's KV cache connector API, real when importable, else identical stand-ins.
+
+What this module provides (every process that builds a connector imports it):
+- ``KvCacheConnectorScheduler`` (leader, rank 0 only) and ``KvCacheConnectorWorker`` (every
+  rank): TensorRT-LLM's abstract base classes, imported from
+  ``tensorrt_llm._torch.pyexecutor.kv_cache_connector`` (1.1/1.2) or
+  ``...pyexecutor.connectors.kv_cache_connector`` (newer main) when ``tensorrt_llm`` is
+  installed, otherwise local classes with the same names, fields and method signatures.
+- ``SchedulerOutput`` / ``RequestData``: the per-iteration delta the scheduler's
+  ``build_connector_meta`` receives (same origin rule).
+- ``LlmArgsLike`` / ``KvCacheConfigLike`` / ``KvCacheConnectorConfigLike``: the part of
+  ``TorchLlmArgs`` a connector reads, for engines without TensorRT-LLM (the reference executor).
+- ``LlmRequestLike``: the part of the C++ ``LlmRequest`` a connector may read (``request_id``,
+  ``get_tokens(0)``, ``prompt_len``, ``context_current_position``,
+  ``is_generation_only_request``, optional ``lora_name`` / ``cache_salt``).
+- ``current_rank()`` / ``current_world_size()``: this process's tensor-parallel rank, from
+  TensorRT-LLM's MPI helpers when present, else from ``torch.distributed`` when initialized,
+  else 0 / 1.
+
+A connector must accept either the real objects or these stand-ins; it should read only the
+attributes listed here.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = [
+    "HAS_TENSORRT_LLM",
+    "KvCacheConnectorScheduler",
+    "KvCacheConnectorWorker",
+    "SchedulerOutput",
+    "RequestData",
+    "LlmArgsLike",
+    "KvCacheConfigLike",
+    "KvCacheConnectorConfigLike",
+    "LlmRequestLike",
+    "current_rank",
+    "current_world_size",
+]
+
+
+def _import_real() -> tuple[Any, ...] | None:
+    for module_name in (
+        "tensorrt_llm._torch.pyexecutor.kv_cache_connector",
+        "tensorrt_llm._torch.pyexecutor.connectors.kv_cache_connector",
+    ):
+        try:
+            module = __import__(module_name, fromlist=["KvCacheConnectorScheduler"])
+        except ImportError:
+            continue
+        return (
+            module.KvCacheConnectorScheduler,
+            module.KvCacheConnectorWorker,
+            module.SchedulerOutput,
+            module.RequestData,
+        )
+    return None
+
+
+_real = _import_real()
+HAS_TENSORRT_LLM = _real is not None
+
+if _real is not None:
+    KvCacheConnectorScheduler, KvCacheConnectorWorker, SchedulerOutput, RequestData = _real
+else:
+
+    @dataclass
+    class RequestData:  # type: ignore[no-redef]
+        """One request's delta since its last report (TensorRT-LLM 1.2 fields)."""
+
+        request_id: int
+        new_tokens: list[int]
+        new_block_ids: list[int]
+        computed_position: int
+        num_scheduled_tokens: int
+
+    @dataclass
+    class SchedulerOutput:  # type: ignore[no-redef]
+        """Requests scheduled this iteration: first appearances and later steps."""
+
+        new_requests: list[RequestData] = field(default_factory=list)
+        cached_requests: list[RequestData] = field(default_factory=list)
+
+    class KvCacheConnectorWorker(ABC):  # type: ignore[no-redef]
+        """Data plane: one per rank. Mirrors TensorRT-LLM's abstract worker."""
+
+        def __init__(self, llm_args: Any):
+            self._llm_args = llm_args
+            self._metadata: object = None
+
+        def bind_connector_meta(self, metadata: object) -> None:
+            self._metadata = metadata
+
+        def get_connector_meta(self) -> object:
+            return self._metadata
+
+        def _clear_connector_meta(self) -> None:
+            self._metadata = None
+
+        def register_forward_pass_callable(self) -> Callable[[], None] | None:
+            return None
+
+        @abstractmethod
+        def register_kv_caches(self, kv_cache_tensor: Any) -> None: ...
+
+        @abstractmethod
+        def start_load_kv(self, stream: Any) -> None: ...
+
+        @abstractmethod
+        def wait_for_layer_load(self, layer_idx: int, stream: Any) -> None: ...
+
+        @abstractmethod
+        def save_kv_layer(self, layer_idx: int, stream: Any) -> None: ...
+
+        @abstractmethod
+        def wait_for_save(self, stream: Any) -> None: ...
+
+        @abstractmethod
+        def get_finished(
+            self, finished_gen_req_ids: list[int], started_loading_req_ids: list[int]
+        ) -> tuple[list[int], list[int]]: ...
+
+    class KvCacheConnectorScheduler(ABC):  # type: ignore[no-redef]
+        """Control plane: rank 0 only. Mirrors TensorRT-LLM's abstract scheduler."""
+
+        def __init__(self, llm_args: Any):
+            self._llm_args = llm_args
+
+        @abstractmethod
+        def build_connector_meta(self, scheduler_output: SchedulerOutput) -> object: ...
+
+        @abstractmethod
+        def get_num_new_matched_tokens(
+            self, request: Any, num_computed_tokens: int
+        ) -> tuple[int, bool]: ...
+
+        @abstractmethod
+        def request_finished(self, request: Any, cache_block_ids: list[int]) -> bool: ...
+
+        @abstractmethod
+        def update_state_after_alloc(self, request: Any, block_ids: list[int]) -> None: ...
+
+
+@dataclass
+class KvCacheConfigLike:
+    """What a connector reads of ``TorchLlmArgs.kv_cache_config``."""
+
+    tokens_per_block: int = 32
+    enable_block_reuse: bool = True
+    enable_partial_reuse: bool = False
+    max_tokens: int | None = None
+    host_cache_size: int | None = None
+
+
+@dataclass
+class KvCacheConnectorConfigLike:
+    """``kv_connector_config``: where TensorRT-LLM imports the connector classes from."""
+
+    connector_module: str
+    connector_scheduler_class: str
+    connector_worker_class: str
+
+
+@dataclass
+class LlmArgsLike:
+    """What a connector reads of ``TorchLlmArgs``; the reference executor passes this."""
+
+    model: str = "reference-llama"
+    kv_cache_config: KvCacheConfigLike = field(default_factory=KvCacheConfigLike)
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    kv_connector_config: KvCacheConnectorConfigLike | None = None
+    backend: str = "pytorch"
+    max_batch_size: int | None = None
+    max_num_tokens: int | None = None
+    enable_chunked_prefill: bool = False
+    dtype: str = "auto"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+
+class LlmRequestLike:
+    """What a connector may read of TensorRT-LLM's C++ ``LlmRequest`` (beam 0 only)."""
+
+    def __init__(
+        self,
+        request_id: int,
+        prompt_token_ids: list[int],
+        *,
+        lora_name: str | None = None,
+        cache_salt: str | None = None,
+        is_generation_only_request: bool = False,
+    ):
+        self.request_id = request_id
+        self._tokens = list(prompt_token_ids)
+        self.prompt_len = len(prompt_token_ids)
+        self.context_current_position = 0
+        self.lora_name = lora_name
+        self.cache_salt = cache_salt
+        self._is_generation_only = is_generation_only_request
+
+    @property
+    def is_generation_only_request(self) -> bool:
+        return self._is_generation_only
+
+    def get_tokens(self, beam: int = 0) -> list[int]:
+        if beam != 0:
+            raise ValueError(f"only beam 0 exists (beam width 1), got beam {beam}")
+        return list(self._tokens)
+
+    def get_num_tokens(self, beam: int = 0) -> int:
+        return len(self._tokens)
+
+    def add_new_token(self, token: int, beam: int = 0) -> None:
+        self._tokens.append(token)
+
+    def __repr__(self) -> str:
+        return (
+            f"LlmRequestLike(request_id={self.request_id}, prompt_len={self.prompt_len}, "
+            f"num_tokens={len(self._tokens)}, context_current_position={self.context_current_position})"
+        )
+
+
+def current_rank() -> int:
+    try:
+        from tensorrt_llm._utils import mpi_rank  # type: ignore[import-not-found]
+
+        return int(mpi_rank())
+    except ImportError:
+        pass
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def current_world_size() -> int:
+    try:
+        from tensorrt_llm._utils import mpi_world_size  # type: ignore[import-not-found]
+
+        return int(mpi_world_size())
+    except ImportError:
+        pass
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
