@@ -31,7 +31,6 @@ from typing import Any
 
 from kvbm_core.config import KvbmConfig
 from kvbm_core.plugins import get_plugin_manager, load_discovery_backend
-
 from kvbm_trtllm.leader import KvbmLeaderCore
 from kvbm_trtllm.trtllm_api import (
     KvCacheConnectorScheduler,
