@@ -22,7 +22,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from kvbm_core.config import KvbmConfig
@@ -74,6 +74,8 @@ class KvbmWorkerCore:
         from kvbm_discovery import WORKER, InstanceInfo, TierSizes
 
         self.layout = layout
+        # Tiers pin host memory only for a GPU pool: the device comes from the pool itself.
+        self.setup = replace(self.setup, device=str(getattr(tensors[0], "device", "cpu")))
         self.storages[GPU] = DevicePool(tensors, layout)
         info = InstanceInfo(
             role=WORKER,
