@@ -33,7 +33,8 @@ class ConfigError(ValueError):
 
 
 def _fail(name: str, value: Any, accepted: str) -> ConfigError:
-    return ConfigError(f"KVBM_{name}={value!r} is invalid: expected {accepted}")
+    """``name`` is the key as the user spelled it (``DYN_KVBM_CPU_CACHE_GB``, ``cpu_cache_gb``)."""
+    return ConfigError(f"{name}={value!r} is invalid: expected {accepted}")
 
 
 def _parse_size(name: str, value: Any) -> float:
@@ -144,13 +145,18 @@ class KvbmConfig:
                 "KVBM guide requires)"
             )
 
+    # An override wins over the size in GB, also when it is 0 (the tier is then off).
     @property
     def cpu_enabled(self) -> bool:
-        return bool(self.cpu_cache_override_num_blocks) or self.cpu_cache_gb > 0
+        if self.cpu_cache_override_num_blocks is not None:
+            return self.cpu_cache_override_num_blocks > 0
+        return self.cpu_cache_gb > 0
 
     @property
     def disk_enabled(self) -> bool:
-        return bool(self.disk_cache_override_num_blocks) or self.disk_cache_gb > 0
+        if self.disk_cache_override_num_blocks is not None:
+            return self.disk_cache_override_num_blocks > 0
+        return self.disk_cache_gb > 0
 
     def num_cpu_blocks(self, bytes_per_block: int) -> int:
         """Blocks of the CPU tier when every rank's share of a block adds up to ``bytes_per_block``."""
@@ -193,7 +199,7 @@ class KvbmConfig:
             name = _field_name(key)
             if value is None:
                 continue
-            parsed[name] = _PARSERS[name](name.upper(), value)
+            parsed[name] = _PARSERS[name](key.strip(), value)
         return cls(**parsed)
 
     @classmethod
@@ -201,14 +207,16 @@ class KvbmConfig:
         cls, environ: Mapping[str, str] | None = None, overrides: Mapping[str, Any] | None = None
     ) -> KvbmConfig:
         env = os.environ if environ is None else environ
-        values: dict[str, Any] = {}
+        # field -> (the key as spelled, value), so an error names the variable actually set
+        chosen: dict[str, tuple[str, Any]] = {}
         for name in _PARSERS:
             for prefix in reversed(ENV_PREFIXES):
                 var = prefix + name.upper()
                 if var in env and env[var].strip() != "":
-                    values[name] = env[var]
-        values.update({_field_name(k): v for k, v in (overrides or {}).items()})
-        return cls.from_mapping(values)
+                    chosen[name] = (var, env[var])
+        for key, value in (overrides or {}).items():
+            chosen[_field_name(key)] = (key, value)
+        return cls.from_mapping(dict(chosen.values()))
 
     def replace(self, **changes: Any) -> KvbmConfig:
         return replace(self, **changes)

@@ -78,6 +78,49 @@ class AllBlocksCleared:
 
 KvEvent = BlockStored | BlockRemoved | AllBlocksCleared
 _FROM_WIRE_MEDIUM = {v: k for k, v in MEDIUM_NAMES.items()}
+_U64 = 2**64
+_U32 = 2**32
+
+
+def _ints(wire: dict[str, Any], key: str, upper: int) -> tuple[int, ...]:
+    # A string is iterable too: "123" must not become (1, 2, 3).
+    values = wire[key]
+    if not isinstance(values, list | tuple):
+        raise TypeError(f"{key} must be a list, got {type(values).__name__}")
+    return tuple(_int(key, v, upper) for v in values)
+
+
+def _int(key: str, value: Any, upper: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < upper:
+        raise ValueError(f"{key} holds {value!r}, expected integers in 0..{upper - 1}")
+    return value
+
+
+def _medium(wire: dict[str, Any]) -> str | None:
+    medium = wire.get("medium")
+    if medium is None:
+        return None
+    if not isinstance(medium, str) or not medium:
+        raise ValueError(f"medium must be a tier name such as CPU_TIER1, got {medium!r}")
+    return _FROM_WIRE_MEDIUM.get(medium, medium.lower())
+
+
+def _block_stored(wire: dict[str, Any], medium: str) -> BlockStored:
+    parent = wire.get("parent_block_hash")
+    lora_name = wire.get("lora_name")
+    if lora_name is not None and not isinstance(lora_name, str):
+        raise TypeError(f"lora_name must be a string or null, got {lora_name!r}")
+    block_size = _int("block_size", wire["block_size"], _U32)
+    if block_size == 0:
+        raise ValueError("block_size must be > 0")
+    return BlockStored(
+        medium=medium,
+        block_hashes=_ints(wire, "block_hashes", _U64),
+        parent_hash=None if parent is None else _int("parent_block_hash", parent, _U64),
+        token_ids=_ints(wire, "token_ids", _U32),
+        block_size=block_size,
+        lora_name=lora_name,
+    )
 
 
 def event_from_wire(wire: dict[str, Any]) -> KvEvent:
@@ -85,23 +128,17 @@ def event_from_wire(wire: dict[str, Any]) -> KvEvent:
     if not isinstance(wire, dict):
         raise ValueError(f"an event must be an object, got {type(wire).__name__}")
     kind = wire.get("type")
-    medium = wire.get("medium")
-    medium = _FROM_WIRE_MEDIUM.get(medium, str(medium).lower()) if medium is not None else None
     try:
+        medium = _medium(wire)
         if kind == "BlockStored":
-            return BlockStored(
-                medium=medium or "gpu",
-                block_hashes=tuple(int(h) for h in wire["block_hashes"]),
-                parent_hash=None if wire.get("parent_block_hash") is None else int(wire["parent_block_hash"]),
-                token_ids=tuple(int(t) for t in wire["token_ids"]),
-                block_size=int(wire["block_size"]),
-                lora_name=wire.get("lora_name"),
-            )
+            return _block_stored(wire, medium or "gpu")
         if kind == "BlockRemoved":
-            return BlockRemoved(medium or "gpu", tuple(int(h) for h in wire["block_hashes"]))
+            return BlockRemoved(medium or "gpu", _ints(wire, "block_hashes", _U64))
         if kind == "AllBlocksCleared":
             return AllBlocksCleared(medium)
-    except (KeyError, TypeError, ValueError) as exc:
+    except KeyError as exc:
+        raise ValueError(f"malformed {kind} event: missing {exc}") from None
+    except (TypeError, ValueError) as exc:
         raise ValueError(f"malformed {kind} event: {exc}") from None
     raise ValueError(f"unknown event type {kind!r}")
 

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import json
 import struct
+import sys
+from array import array
 from collections.abc import Sequence
-from itertools import accumulate
+from itertools import repeat
 
 import numpy as np
 import xxhash
@@ -25,6 +27,7 @@ __all__ = ["salt_hash", "block_hashes", "num_full_blocks"]
 
 _xxh3 = xxhash.xxh3_64_intdigest
 _pack_pair = struct.Struct("<QQ").pack
+_U32_IS_NATIVE_LE = array("I").itemsize == 4 and sys.byteorder == "little"
 
 
 def salt_hash(
@@ -49,6 +52,14 @@ def num_full_blocks(num_tokens: int, block_size: int) -> int:
     return num_tokens // block_size
 
 
+def _as_u32(token_ids: Sequence[int] | np.ndarray) -> np.ndarray:
+    if isinstance(token_ids, np.ndarray) or not _U32_IS_NATIVE_LE:
+        return np.ascontiguousarray(token_ids, dtype="<u4")
+    # Engines hand prompts over as lists of Python ints; array() packs them ~3x faster than
+    # numpy does, and rejects negatives, values >= 2**32 and floats alike.
+    return np.frombuffer(array("I", token_ids), dtype="<u4")
+
+
 def block_hashes(
     token_ids: Sequence[int] | np.ndarray,
     block_size: int,
@@ -62,13 +73,23 @@ def block_hashes(
     """
     if block_size <= 0:
         raise ValueError(f"block_size must be positive, got {block_size}")
-    tokens = np.ascontiguousarray(token_ids, dtype="<u4")
+    tokens = _as_u32(token_ids)
     num_blocks = len(tokens) // block_size
     if num_blocks == 0:
         return []
     rows = tokens[: num_blocks * block_size].reshape(num_blocks, block_size)
-    local_hashes = [_xxh3(row, salt) for row in rows]
-    chain = lambda parent, local: _xxh3(_pack_pair(parent, local), salt)  # noqa: E731
-    if parent_hash is None:
-        return list(accumulate(local_hashes, chain))
-    return list(accumulate(local_hashes, chain, initial=parent_hash))[1:]
+    # map() over C callables and a bare loop: ~15% faster than accumulate() with a lambda,
+    # which matters at 4096 blocks per 128k-token prompt (benchmarks/bench_hashing.py).
+    local_hashes = map(_xxh3, rows, repeat(salt, num_blocks))  # type: ignore[arg-type]
+    hashes: list[int] = []
+    append = hashes.append
+    parent = (
+        next(local_hashes)
+        if parent_hash is None
+        else _xxh3(_pack_pair(parent_hash, next(local_hashes)), salt)
+    )
+    append(parent)
+    for local in local_hashes:
+        parent = _xxh3(_pack_pair(parent, local), salt)
+        append(parent)
+    return hashes

@@ -10,17 +10,21 @@ Subclass it in a test module, name the tier, and pytest runs every check::
 Class attributes tune the rig (``base_layout``, ``num_slots``, ``num_gpu_blocks``,
 ``num_jobs``, ``blocked_plugins``, ``extra_tiers``, ``tier_options``); fixtures
 (``kvbm_config``, ``device``, ``layout``) can be overridden like any pytest fixture. Every
-check runs for both GPU layouts (fully contiguous and layer-separate).
+check runs for both GPU layouts (fully contiguous and layer-separate). A tier whose handlers
+need another tier's storage lists that tier in ``TierSpec.requires``; the kit builds it too.
 
 What is checked, for every ``(src, dst)`` pair the tier's handlers declare:
 - round trip: random bytes land intact in non-adjacent slots, with ``num_jobs`` jobs submitted
   in several batches before the first poll; each job is reported exactly once, ``num_pending``
   reaches 0, and slots no job named keep their bytes. On a host-addressable storage a block's
   bytes are the GPU block's layers in order (layer-major), whatever the GPU layout;
-- failures: jobs naming a slot past the end, a negative slot or a GPU block past the end fail
-  as results (``ok`` False, an ``error``), while the other jobs of the same batch succeed;
+- failures: jobs naming a tier slot past the end, a negative tier slot or a slot of the other
+  medium past the end fail as results (``ok`` False, an ``error``), while the other jobs of
+  the same batch succeed;
 - capacity: ``storage.num_slots`` equals ``TierContext.num_slots`` and the storage's layout
   has the context's ``bytes_per_block``;
+- slot reuse: 2.5x the capacity stored with slots from the leader's ``TierIndex`` (which evicts
+  and hands slots out again); every block still indexed reads back as its last store;
 - lifecycle: an idle handler polls nothing; ``close()`` of handlers (even with jobs in flight)
   and storages can be called twice.
 """
@@ -46,6 +50,7 @@ from kvbm_core.testing.rig import (
     make_job,
     read_blocks,
     record_hashes,
+    route,
     run_jobs,
     split,
     write_blocks,
@@ -119,9 +124,9 @@ class TierConformance:
         providers = [
             impl.plugin_name
             for impl in pm.hook.kvbm_tier_specs.get_hookimpls()
-            if any(s.name == self.tier_name for s in impl.function() or [])
+            if any(s.name == self.tier_name for s in impl.function() or [])  # type: ignore[attr-defined]
         ]
-        from_entry_points = {pm.get_name(plugin) for plugin, _ in pm.list_plugin_distinfo()}
+        from_entry_points = {str(pm.get_name(plugin)) for plugin, _ in pm.list_plugin_distinfo()}
         assert providers and set(providers) <= from_entry_points, (
             f"tier {self.tier_name!r} comes from plugin(s) {providers}, not from an installed "
             f"entry point of group 'kvbm' (entry-point plugins: {sorted(from_entry_points)})"
@@ -129,7 +134,9 @@ class TierConformance:
 
     def test_spec_is_well_formed(self, tier_spec: TierSpec) -> None:
         assert tier_spec.name == self.tier_name
-        assert isinstance(tier_spec.medium, str) and tier_spec.medium, "medium must be a non-empty str"
+        assert isinstance(tier_spec.medium, str) and tier_spec.medium, (
+            "medium must be a non-empty str"
+        )
         assert tier_spec.medium != GPU, "a tier below the GPU cannot use the medium name 'gpu'"
         assert isinstance(tier_spec.level, int) and tier_spec.level >= 2, (
             f"level must be an int >= 2 (2 host memory, 3 local disk, 4+ shared), got {tier_spec.level!r}"
@@ -141,7 +148,9 @@ class TierConformance:
 
     def test_storage_capacity(self, rig: TierRig, layout: KvLayout) -> None:
         storage, ctx = rig.storage, rig.contexts[rig.medium]
-        assert storage.medium == rig.medium, f"storage.medium {storage.medium!r} != spec medium {rig.medium!r}"
+        assert storage.medium == rig.medium, (
+            f"storage.medium {storage.medium!r} != spec medium {rig.medium!r}"
+        )
         assert storage.num_slots == ctx.num_slots == self.num_slots
         assert storage.layout.bytes_per_block == layout.bytes_per_block
         view = storage.host_view()
@@ -161,8 +170,12 @@ class TierConformance:
             assert rig.medium in (handler.src_medium, handler.dst_medium), (
                 f"handler {handler.src_medium} -> {handler.dst_medium} does not touch medium {rig.medium!r}"
             )
-            assert handler.num_pending == 0 and handler.poll() == [], "an idle handler must poll nothing"
-        engine = TransferEngine([*rig.handlers, *rig.required_handlers])  # raises on a duplicate pair
+            assert handler.num_pending == 0 and handler.poll() == [], (
+                "an idle handler must poll nothing"
+            )
+        engine = TransferEngine(
+            [*rig.handlers, *rig.required_handlers]
+        )  # raises on a duplicate pair
         assert set(rig.pairs) <= engine.pairs
 
     def test_round_trip(self, rig: TierRig) -> None:
@@ -182,6 +195,46 @@ class TierConformance:
             except AssertionError as exc:
                 failures.append(f"{src} -> {dst}: {exc}")
         assert not failures, "\n".join(failures)
+
+    def test_evicted_slots_hold_their_new_blocks(self, rig: TierRig) -> None:
+        """Stores driven by the leader's ``TierIndex`` (2.5x capacity, so slots are reused)."""
+        index_module = pytest.importorskip(
+            "kvbm_core.index", reason="kvbm_core.index not available"
+        )
+        index = index_module.TierIndex(rig.medium, rig.storage.num_slots)
+        source, store = route(rig, rig.medium, outward=False)
+        rng = np.random.default_rng(11)
+        held: dict[int, np.ndarray] = {}
+        batch = 32
+        for round_ in range(int(2.5 * rig.storage.num_slots) // batch):
+            hashes = [(round_ << 32) | i for i in range(batch)]
+            allocation = index.prepare_store(hashes)
+            assert allocation is not None and len(allocation.slots) == batch
+            for evicted in allocation.evicted_hashes:
+                held.pop(evicted)
+            picker = SlotPicker(rig, seed=round_)
+            data = rng.integers(0, 256, size=(batch, rig.layout.bytes_per_block), dtype=np.uint8)
+            source_ids = picker.take(source, batch)
+            write_blocks(rig, source, source_ids, data, hashes, picker)
+            jobs = [
+                make_job(rig, source, rig.medium, [s], [d])
+                for s, d in zip(source_ids, allocation.slots, strict=True)
+            ]
+            results = run_jobs(rig, store, [jobs], self.timeout_s)
+            assert all(r.ok for r in results.values()), "a store into a reused slot failed"
+            record_hashes(rig, jobs, results)
+            index.complete_store(hashes, success=True)
+            held.update(zip(hashes, data, strict=True))
+        readable = index.readable_hashes()
+        assert sorted(readable) == sorted(held)
+        for start in range(0, len(readable), batch):
+            chunk = readable[start : start + batch]
+            slots = [index.slot_of(h) for h in chunk]
+            landed = read_blocks(rig, rig.medium, slots, SlotPicker(rig, seed=start))
+            stale = [
+                h for h, got in zip(chunk, landed, strict=True) if not np.array_equal(got, held[h])
+            ]
+            assert not stale, f"{len(stale)} reused slots serve other bytes than their last store"
 
     def test_close_is_idempotent(self, rig: TierRig) -> None:
         picker = SlotPicker(rig, seed=7)
@@ -212,11 +265,17 @@ class TierConformance:
         src_ids, dst_ids = picker.take(src, num_blocks), picker.take(dst, num_blocks)
         data = picker.random_bytes(num_blocks, rig.layout.bytes_per_block)
         write_blocks(rig, src, src_ids, data, picker.random_hashes(num_blocks), picker)
-        before = read_blocks(rig, dst, range(rig.storages[dst].num_slots), picker) if is_host_addressable(rig.storages[dst]) else None
+        before = (
+            read_blocks(rig, dst, range(rig.storages[dst].num_slots), picker)
+            if is_host_addressable(rig.storages[dst])
+            else None
+        )
 
         jobs = [
             make_job(rig, src, dst, s, d)
-            for s, d in zip(split(src_ids, self._job_sizes), split(dst_ids, self._job_sizes), strict=True)
+            for s, d in zip(
+                split(src_ids, self._job_sizes), split(dst_ids, self._job_sizes), strict=True
+            )
         ]
         # Several submits before the first poll: handlers must queue, not assume one batch.
         cuts = [0, 1, 8, len(jobs) // 2, len(jobs)]
@@ -227,7 +286,9 @@ class TierConformance:
         for job in jobs:
             expected = job.num_blocks * rig.layout.bytes_per_block
             got = results[job.job_id].num_bytes
-            assert got in (0, expected), f"job {job.job_id} reports {got} bytes for {expected} moved"
+            assert got in (0, expected), (
+                f"job {job.job_id} reports {got} bytes for {expected} moved"
+            )
         record_hashes(rig, jobs, results)
 
         landed = read_blocks(rig, dst, dst_ids, picker)
@@ -250,13 +311,17 @@ class TierConformance:
         src_ids, dst_ids = picker.take(src, num_good + 3), picker.take(dst, num_good + 3)
         data = picker.random_bytes(num_good + 3, rig.layout.bytes_per_block)
         write_blocks(rig, src, src_ids, data, picker.random_hashes(num_good + 3), picker)
-        good = [make_job(rig, src, dst, [s], [d]) for s, d in zip(src_ids, dst_ids, strict=True)][:num_good]
+        good = [make_job(rig, src, dst, [s], [d]) for s, d in zip(src_ids, dst_ids, strict=True)][
+            :num_good
+        ]
         tier_is_src = src == rig.medium
         past_end = rig.storages[rig.medium].num_slots
         other = dst if tier_is_src else src
         bad_slot = [(past_end + 3, "a tier slot past the end"), (-1, "a negative tier slot")]
         bad: list[tuple[TransferJob, str]] = []
-        for (slot, why), s, d in zip(bad_slot, src_ids[num_good:], dst_ids[num_good:], strict=False):
+        for (slot, why), s, d in zip(
+            bad_slot, src_ids[num_good:], dst_ids[num_good:], strict=False
+        ):
             s, d = (slot, d) if tier_is_src else (s, slot)
             bad.append((make_job(rig, src, dst, [s], [d]), why))
         huge = rig.storages[other].num_slots + 1000
@@ -267,9 +332,13 @@ class TierConformance:
         for job, why in bad:
             result = results[job.job_id]
             assert not result.ok, f"a job naming {why} ({job.src_ids} -> {job.dst_ids}) succeeded"
-            assert isinstance(result.error, str) and result.error, f"the failed job naming {why} has no error text"
+            assert isinstance(result.error, str) and result.error, (
+                f"the failed job naming {why} has no error text"
+            )
         failed = [results[j.job_id] for j in good if not results[j.job_id].ok]
         assert not failed, f"good jobs failed next to bad ones: {failed[0].error}"
         record_hashes(rig, good, results)
         landed = read_blocks(rig, dst, dst_ids[:num_good], picker)
-        assert np.array_equal(landed, data[:num_good]), "good jobs next to failed ones moved wrong bytes"
+        assert np.array_equal(landed, data[:num_good]), (
+            "good jobs next to failed ones moved wrong bytes"
+        )

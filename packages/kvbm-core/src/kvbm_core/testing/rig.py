@@ -35,6 +35,7 @@ __all__ = [
     "write_blocks",
     "run_jobs",
     "is_host_addressable",
+    "route",
 ]
 
 _job_ids = itertools.count(1)
@@ -52,6 +53,7 @@ def make_device_pool(layout: KvLayout, num_blocks: int, device: str) -> DevicePo
 
     dtype = getattr(torch, layout.dtype)
     inner = layout.elements_per_region
+    shapes: list[tuple[int, ...]]
     if layout.kind is LayoutKind.FULLY_CONTIGUOUS:
         shapes = [(num_blocks, layout.num_layers, layout.kv_factor, inner)]
     else:
@@ -131,7 +133,9 @@ class TierRig:
             storage.close()
 
 
-def _required_specs(specs: Mapping[str, TierSpec], spec: TierSpec, extra: Sequence[str]) -> list[TierSpec]:
+def _required_specs(
+    specs: Mapping[str, TierSpec], spec: TierSpec, extra: Sequence[str]
+) -> list[TierSpec]:
     names: list[str] = []
     pending = [*spec.requires, *extra]
     while pending:
@@ -176,7 +180,9 @@ def build_tier_rig(
     rig = TierRig(spec, layout, device, storages, contexts, handlers=[])
     try:
         for tier, tier_slots in [*((s, num_slots + 24) for s in required), (spec, num_slots)]:
-            ctx = TierContext(layout, tier_slots, device=device, config=config, options=dict(options or {}))
+            ctx = TierContext(
+                layout, tier_slots, device=device, config=config, options=dict(options or {})
+            )
             contexts[tier.medium] = ctx
             storages[tier.medium] = tier.make_storage(ctx)
         view = _Storages(storages, spec.name)
@@ -234,7 +240,7 @@ def _write_direct(storage: Storage, ids: Sequence[int], data: np.ndarray) -> Non
     view[list(ids)] = data
 
 
-def _via(rig: TierRig, medium: str, outward: bool) -> tuple[str, TransferHandler]:
+def route(rig: TierRig, medium: str, outward: bool) -> tuple[str, TransferHandler]:
     """A host-addressable medium with a handler from (``outward``) or to ``medium``."""
     for other, storage in rig.storages.items():
         if other == medium or not is_host_addressable(storage):
@@ -254,47 +260,62 @@ def read_blocks(rig: TierRig, medium: str, ids: Sequence[int], scratch: SlotPick
     storage = rig.storages[medium]
     if is_host_addressable(storage):
         return _read_direct(storage, ids)
-    other, handler = _via(rig, medium, outward=True)
+    other, handler = route(rig, medium, outward=True)
     other_ids = scratch.take(other, len(ids))
     copy_blocks(rig, handler, ids, other_ids)
     return _read_direct(rig.storages[other], other_ids)
 
 
 def write_blocks(
-    rig: TierRig, medium: str, ids: Sequence[int], data: np.ndarray, hashes: Sequence[int], scratch: SlotPicker
+    rig: TierRig,
+    medium: str,
+    ids: Sequence[int],
+    data: np.ndarray,
+    hashes: Sequence[int],
+    scratch: SlotPicker,
 ) -> None:
     storage = rig.storages[medium]
     if is_host_addressable(storage):
         _write_direct(storage, ids, data)
         rig.slot_hashes.setdefault(medium, {}).update(zip(ids, hashes, strict=True))
         return
-    other, handler = _via(rig, medium, outward=False)
+    other, handler = route(rig, medium, outward=False)
     other_ids = scratch.take(other, len(ids))
     _write_direct(rig.storages[other], other_ids, data)
     rig.slot_hashes.setdefault(other, {}).update(zip(other_ids, hashes, strict=True))
     copy_blocks(rig, handler, other_ids, ids)
 
 
-def copy_blocks(rig: TierRig, handler: TransferHandler, src_ids: Sequence[int], dst_ids: Sequence[int]) -> None:
+def copy_blocks(
+    rig: TierRig, handler: TransferHandler, src_ids: Sequence[int], dst_ids: Sequence[int]
+) -> None:
     """One job moving ``src_ids`` to ``dst_ids``; it must succeed."""
     jobs = [make_job(rig, handler.src_medium, handler.dst_medium, src_ids, dst_ids)]
     results = run_jobs(rig, handler, [jobs])
     result = results[jobs[0].job_id]
-    assert result.ok, f"{handler.src_medium} -> {handler.dst_medium} helper copy failed: {result.error}"
+    assert result.ok, (
+        f"{handler.src_medium} -> {handler.dst_medium} helper copy failed: {result.error}"
+    )
     record_hashes(rig, jobs, results)
 
 
-def make_job(rig: TierRig, src: str, dst: str, src_ids: Sequence[int], dst_ids: Sequence[int]) -> TransferJob:
+def make_job(
+    rig: TierRig, src: str, dst: str, src_ids: Sequence[int], dst_ids: Sequence[int]
+) -> TransferJob:
     """A job carrying the hash last written to each source slot (random where none was)."""
     known = rig.slot_hashes.get(src, {})
     hashes = tuple(known.get(i, hash((src, i, "unwritten")) & (2**64 - 1)) for i in src_ids)
     return TransferJob(next(_job_ids), src, dst, tuple(src_ids), tuple(dst_ids), hashes)
 
 
-def record_hashes(rig: TierRig, jobs: Sequence[TransferJob], results: Mapping[int, JobResult]) -> None:
+def record_hashes(
+    rig: TierRig, jobs: Sequence[TransferJob], results: Mapping[int, JobResult]
+) -> None:
     for job in jobs:
         if results[job.job_id].ok:
-            rig.slot_hashes.setdefault(job.dst, {}).update(zip(job.dst_ids, job.block_hashes, strict=True))
+            rig.slot_hashes.setdefault(job.dst, {}).update(
+                zip(job.dst_ids, job.block_hashes, strict=True)
+            )
 
 
 def run_jobs(
@@ -313,7 +334,9 @@ def run_jobs(
     while len(results) < len(expected):
         for result in handler.poll():
             assert result.job_id in expected, f"{pair}: poll() returned unknown job {result.job_id}"
-            assert result.job_id not in results, f"{pair}: poll() reported job {result.job_id} twice"
+            assert result.job_id not in results, (
+                f"{pair}: poll() reported job {result.job_id} twice"
+            )
             results[result.job_id] = result
         if len(results) < len(expected) and time.monotonic() > deadline:
             missing = sorted(expected - set(results))
@@ -322,9 +345,13 @@ def run_jobs(
                 f"(first: {missing[:5]}); num_pending={handler.num_pending}"
             )
         time.sleep(0.0005)
-    assert handler.num_pending == 0, f"{pair}: num_pending is {handler.num_pending} after every job was reported"
+    assert handler.num_pending == 0, (
+        f"{pair}: num_pending is {handler.num_pending} after every job was reported"
+    )
     late = handler.poll()
-    assert not late, f"{pair}: poll() returned {len(late)} more result(s) after every job was reported"
+    assert not late, (
+        f"{pair}: poll() returned {len(late)} more result(s) after every job was reported"
+    )
     return results
 
 
@@ -333,7 +360,9 @@ class SlotPicker:
 
     def __init__(self, rig: TierRig, seed: int) -> None:
         self._rng = np.random.default_rng(seed)
-        self._free = {m: [int(i) for i in self._rng.permutation(s.num_slots)] for m, s in rig.storages.items()}
+        self._free = {
+            m: [int(i) for i in self._rng.permutation(s.num_slots)] for m, s in rig.storages.items()
+        }
 
     def take(self, medium: str, count: int) -> list[int]:
         free = self._free[medium]
@@ -350,7 +379,8 @@ class SlotPicker:
 
 def split(ids: Sequence[int], sizes: Callable[[int], int]) -> list[list[int]]:
     """Cut ``ids`` into consecutive groups of ``sizes(i)`` for group ``i``."""
-    groups, start = [], 0
+    groups: list[list[int]] = []
+    start = 0
     for i in itertools.count():
         if start >= len(ids):
             return groups
