@@ -35,7 +35,15 @@ from kvbm_discovery.inproc import (
     InProcEventSink,
     reset_inproc,
 )
-from kvbm_discovery.messages import Completions, Message, TierSizes, WorkerError, decode, encode
+from kvbm_discovery.messages import (
+    Completions,
+    Message,
+    StoredBlocks,
+    TierSizes,
+    WorkerError,
+    decode,
+    encode,
+)
 from kvbm_discovery.services import DiscoveryServices, make_etcd_services, make_inproc_services
 
 __all__ = [
@@ -61,6 +69,7 @@ __all__ = [
     "Registration",
     "ServiceUnavailableError",
     "SinkStats",
+    "StoredBlocks",
     "TierSizes",
     "WorkerError",
     "decode",

@@ -82,7 +82,8 @@ class KvbmLeaderCore:
         workers = [info for info in peers if info.role == "worker"]
         bytes_per_block = sum(info.bytes_per_block for info in workers)
         sizes = self._tier_sizes(bytes_per_block)
-        self.services.control.broadcast(TierSizes(sizes))
+        for info in workers:  # per rank: acknowledged delivery (broadcast is best effort)
+            self.services.control.send_to_worker(info.rank, TierSizes(sizes))
         tiers = self._tiers(sizes)
         admission = (
             AlwaysAdmit() if self.config.disable_disk_offload_filter else FrequencyFilter()

@@ -1,0 +1,159 @@
+"""Control messages between the leader and its workers, and their JSON wire form.
+
+Workers -> leader: :class:`Completions` (a batch of ``JobResult`` from one rank; failed jobs
+are results with ``ok=False``), :class:`StoredBlocks` (the blocks a persistent tier of one
+rank still holds after a restart, ``{hash: slot}``) and :class:`WorkerError` (a rank cannot go
+on).
+Leader -> workers: :class:`TierSizes` (what TensorRT-LLM's per-iteration metadata does not
+carry: the slots of each tier, sent once at init).
+
+``encode(message) -> bytes`` and ``decode(data) -> Message``; ``decode`` validates every
+field and raises :class:`MessageError` for anything that is not a kvbm message, so receivers
+can ignore it with a warning.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from kvbm_core.transfer import JobResult
+from kvbm_discovery.errors import MessageError
+
+__all__ = ["Completions", "StoredBlocks", "WorkerError", "TierSizes", "Message", "encode", "decode"]
+
+_WIRE_VERSION = 1
+_U64_MAX = 2**64 - 1
+
+
+@dataclass(frozen=True)
+class Completions:
+    rank: int
+    results: tuple[JobResult, ...]
+
+
+@dataclass(frozen=True)
+class WorkerError:
+    rank: int
+    error: str
+
+
+@dataclass(frozen=True)
+class TierSizes:
+    num_slots: Mapping[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StoredBlocks:
+    rank: int
+    tier: str
+    blocks: Mapping[int, int] = field(default_factory=dict)
+
+
+Message = Completions | WorkerError | TierSizes | StoredBlocks
+
+
+def _result_to_wire(result: JobResult) -> dict[str, Any]:
+    return {
+        "job_id": result.job_id,
+        "ok": result.ok,
+        "num_bytes": result.num_bytes,
+        "error": result.error,
+        "bad_block_hashes": list(result.bad_block_hashes),
+        "finished_at": result.finished_at,
+    }
+
+
+def encode(message: Message) -> bytes:
+    if isinstance(message, Completions):
+        body: dict[str, Any] = {
+            "rank": message.rank,
+            "results": [_result_to_wire(r) for r in message.results],
+        }
+    elif isinstance(message, WorkerError):
+        body = {"rank": message.rank, "error": message.error}
+    elif isinstance(message, StoredBlocks):
+        body = {
+            "rank": message.rank,
+            "tier": message.tier,
+            "blocks": [[h, s] for h, s in message.blocks.items()],
+        }
+    elif isinstance(message, TierSizes):
+        body = {"num_slots": dict(message.num_slots)}
+    else:
+        raise TypeError(f"not a kvbm control message: {type(message).__name__}")
+    return json.dumps({"kvbm": _WIRE_VERSION, "kind": type(message).__name__, **body}).encode()
+
+
+def _int(value: Any, name: str, minimum: int = 0, maximum: int = _U64_MAX) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not minimum <= value <= maximum:
+        raise MessageError(f"{name} must be an integer in [{minimum}, {maximum}], got {value!r}")
+    return value
+
+
+def _result_from_wire(wire: Any) -> JobResult:
+    if not isinstance(wire, dict):
+        raise MessageError(f"a job result must be an object, got {wire!r}")
+    ok = wire.get("ok")
+    error = wire.get("error")
+    hashes = wire.get("bad_block_hashes", [])
+    finished_at = wire.get("finished_at", 0.0)
+    if not isinstance(ok, bool):
+        raise MessageError(f"job result 'ok' must be true/false, got {ok!r}")
+    if error is not None and not isinstance(error, str):
+        raise MessageError(f"job result 'error' must be a string or null, got {error!r}")
+    if not isinstance(hashes, list):
+        raise MessageError(f"'bad_block_hashes' must be a list, got {hashes!r}")
+    if not isinstance(finished_at, int | float) or isinstance(finished_at, bool) or not math.isfinite(finished_at):
+        raise MessageError(f"'finished_at' must be a finite number, got {finished_at!r}")
+    return JobResult(
+        job_id=_int(wire.get("job_id"), "job_id"),
+        ok=ok,
+        num_bytes=_int(wire.get("num_bytes", 0), "num_bytes"),
+        error=error,
+        bad_block_hashes=tuple(_int(h, "bad_block_hashes[]") for h in hashes),
+        finished_at=float(finished_at),
+    )
+
+
+def decode(data: bytes | str) -> Message:
+    """Parse one message; raises :class:`MessageError` naming what is wrong."""
+    try:
+        wire = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise MessageError(f"not JSON: {exc}") from None
+    if not isinstance(wire, dict) or wire.get("kvbm") != _WIRE_VERSION:
+        raise MessageError(f"not a kvbm v{_WIRE_VERSION} message (missing 'kvbm': {_WIRE_VERSION})")
+    kind = wire.get("kind")
+    if kind == "Completions":
+        results = wire.get("results")
+        if not isinstance(results, list):
+            raise MessageError(f"Completions.results must be a list, got {results!r}")
+        return Completions(
+            rank=_int(wire.get("rank"), "rank", maximum=2**31),
+            results=tuple(_result_from_wire(r) for r in results),
+        )
+    if kind == "WorkerError":
+        error = wire.get("error")
+        if not isinstance(error, str):
+            raise MessageError(f"WorkerError.error must be a string, got {error!r}")
+        return WorkerError(rank=_int(wire.get("rank"), "rank", maximum=2**31), error=error)
+    if kind == "StoredBlocks":
+        tier, pairs = wire.get("tier"), wire.get("blocks")
+        if not isinstance(tier, str) or not isinstance(pairs, list):
+            raise MessageError(f"StoredBlocks needs a tier name and a list of [hash, slot], got {tier!r}")
+        blocks = {}
+        for pair in pairs:
+            if not isinstance(pair, list) or len(pair) != 2:
+                raise MessageError(f"StoredBlocks.blocks entries must be [hash, slot], got {pair!r}")
+            blocks[_int(pair[0], "hash")] = _int(pair[1], "slot", maximum=2**40)
+        return StoredBlocks(_int(wire.get("rank"), "rank", maximum=2**31), tier, blocks)
+    if kind == "TierSizes":
+        sizes = wire.get("num_slots")
+        if not isinstance(sizes, dict) or not all(isinstance(k, str) for k in sizes):
+            raise MessageError(f"TierSizes.num_slots must map tier names to counts, got {sizes!r}")
+        return TierSizes({k: _int(v, f"num_slots[{k!r}]") for k, v in sizes.items()})
+    raise MessageError(f"unknown message kind {kind!r}")
