@@ -89,6 +89,7 @@ class E2E:
     build = staticmethod(build)
     finish = staticmethod(finish)
     llm_args = staticmethod(llm_args)
+    model_config = staticmethod(model_config)
 
 
 @pytest.fixture(scope="session")
