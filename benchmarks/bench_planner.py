@@ -12,6 +12,7 @@ import json
 import random
 import time
 
+from kvbm_core.admission import FrequencyFilter
 from kvbm_core.manager import BlockManager, TierSlots
 from kvbm_core.transfer import JobResult
 
@@ -19,7 +20,9 @@ from kvbm_core.transfer import JobResult
 def run(num_requests: int, num_iterations: int, block_size: int, prompt_len: int) -> dict:
     rng = random.Random(0)
     manager = BlockManager(
-        [TierSlots("cpu", "cpu", 200_000), TierSlots("disk", "disk", 400_000)], block_size
+        [TierSlots("cpu", "cpu", 200_000), TierSlots("disk", "disk", 400_000)],
+        block_size,
+        admission=FrequencyFilter(),  # the leader's default disk admission
     )
     positions = {}
     next_block = 0

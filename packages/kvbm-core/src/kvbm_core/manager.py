@@ -316,10 +316,12 @@ class BlockManager:
             next(self._job_ids), GPU, self._media[index.name], gpu_ids, allocation.slots,
             allocation.block_hashes,
         )
-        token_blocks = tuple(
-            tuple(request.token_ids[b * self.block_size : (b + 1) * self.block_size]) for b in blocks
-        )
-        parent = request.hashes[blocks[0] - 1] if blocks[0] else None
+        token_blocks: tuple[tuple[int, ...], ...] = ()
+        parent = None
+        if self.events is not None:  # tokens are kept only to publish them
+            size = self.block_size
+            token_blocks = tuple(tuple(request.token_ids[b * size : (b + 1) * size]) for b in blocks)
+            parent = request.hashes[blocks[0] - 1] if blocks[0] else None
         self._record(job, request, dst_index=index, token_blocks=token_blocks, parent_hash=parent)
         self._queued.append(job)
 
