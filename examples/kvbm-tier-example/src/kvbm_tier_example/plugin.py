@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import kvbm_core
-from kvbm_core import Storage, TierContext, TierSpec, TransferHandler
+from kvbm_core import DevicePool, Storage, TierContext, TierSpec, TransferHandler
 
 TIER_NAME = "mmap"
 MEDIUM = "mmap"
@@ -25,6 +25,8 @@ def make_handlers(storages: Mapping[str, Storage], ctx: TierContext) -> list[Tra
     from kvbm_tier_example.handlers import MmapHandler
 
     pool, mapped = storages[kvbm_core.GPU], storages[MEDIUM]
+    if not isinstance(pool, DevicePool):
+        raise TypeError(f"storages['gpu'] must be a kvbm_core.DevicePool, got {type(pool).__name__}")
     return [MmapHandler(pool, mapped, store=True), MmapHandler(pool, mapped, store=False)]
 
 

@@ -69,6 +69,8 @@ class PoolAccess:
         return self.blocks is not None or self.has_triton
 
     def _move(self, block_ids: torch.Tensor, row_ids: torch.Tensor | None, rows_base: int, to_pool: bool) -> None:
+        if self.piece_ptrs is None:
+            raise RuntimeError("zero-copy block moves need the Triton kernel (CUDA, Triton, 8-byte aligned blocks)")
         _triton.move_blocks(
             self.piece_ptrs, self.row_words, self.words_per_piece, block_ids, row_ids, rows_base, to_pool
         )

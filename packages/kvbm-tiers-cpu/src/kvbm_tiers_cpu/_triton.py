@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from typing import Any
 
 import torch
 
@@ -31,6 +32,12 @@ except ImportError:  # CPU-only installs: the torch paths do the work
 
 def is_available(device: torch.device) -> bool:
     return triton is not None and _move_pieces is not None and device.type == "cuda"
+
+
+def _kernel() -> Any:
+    if _move_pieces is None:
+        raise RuntimeError("cpu tier: the Triton block kernel is unavailable (check is_available() first)")
+    return _move_pieces
 
 
 @functools.cache
@@ -69,7 +76,7 @@ def _define_kernel():
     return _move_pieces
 
 
-_move_pieces = None
+_move_pieces: Any = None
 if triton is not None:
     try:
         _move_pieces = _define_kernel()
@@ -79,7 +86,7 @@ if triton is not None:
 
 def _whole(ids: torch.Tensor) -> tuple[torch.Tensor, int]:
     """``ids`` as (a view from the start of its allocation, offset): keeps pointer alignment fixed."""
-    offset = ids.storage_offset()
+    offset = int(ids.storage_offset())
     return ids.as_strided((offset + ids.numel(),), (1,), 0), offset
 
 
@@ -89,7 +96,7 @@ def warm_up(piece_ptrs: torch.Tensor, row_words: int, piece_words: int, rows_bas
     block = min(1024, triton.next_power_of_2(piece_words))
     for row_is_index in (False, True):
         for to_pool in (False, True):
-            _move_pieces.warmup(
+            _kernel().warmup(
                 piece_ptrs, ids, 0, 1, rows_base, row_words, piece_words, piece_ptrs.numel(),
                 ROW_IS_INDEX=row_is_index, TO_POOL=to_pool, BLOCK=block, grid=(1,),
             )
@@ -116,7 +123,7 @@ def move_blocks(
             ids = row_whole
     grid = (block_ids.numel(), piece_ptrs.numel())
     block = min(1024, triton.next_power_of_2(piece_words))
-    _move_pieces[grid](
+    _kernel()[grid](
         piece_ptrs, ids, block_first, row_first, rows_base, row_words, piece_words, piece_ptrs.numel(),
         ROW_IS_INDEX=row_ids is None, TO_POOL=to_pool, BLOCK=block,
     )

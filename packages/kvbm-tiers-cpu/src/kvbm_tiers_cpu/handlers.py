@@ -27,6 +27,7 @@ Triton and the driver allow it (``zero_copy=None`` decides; ``False`` always sta
 from __future__ import annotations
 
 import collections
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -126,7 +127,7 @@ class _BlockCopyHandler(TransferHandler):
 
     # -- TransferHandler ----------------------------------------------------------------------
 
-    def submit(self, jobs: list[TransferJob] | tuple[TransferJob, ...], ready: Any = None) -> None:
+    def submit(self, jobs: Sequence[TransferJob], ready: Any = None) -> None:
         checked = [c for c in map(self._check, jobs) if c is not None]
         if not checked:
             return

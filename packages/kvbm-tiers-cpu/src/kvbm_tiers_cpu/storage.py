@@ -165,10 +165,10 @@ class PinnedHostStorage(Storage):
                     self._is_stopping = True
         try:
             if errors and not self._is_closing:
-                exc = errors[0]
+                first_error = errors[0]
                 self._error = (
                     f"cpu tier (rank {self.rank}): could not pin {self.num_bytes / GIB:.1f} GiB of "
-                    f"host memory ({type(exc).__name__}: {exc}); lower KVBM_CPU_CACHE_GB or raise "
+                    f"host memory ({type(first_error).__name__}: {first_error}); lower KVBM_CPU_CACHE_GB or raise "
                     f"the memlock limit (ulimit -l) of the worker"
                 )
                 logger.error("%s", self._error)

@@ -26,8 +26,13 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import xxhash
+
+if TYPE_CHECKING:
+    import numpy as np
+    from typing_extensions import Buffer
 
 from kvbm_core.layout import KvLayout
 
@@ -101,7 +106,7 @@ def layout_fingerprint(layout: KvLayout, rank: int, world_size: int) -> int:
     return xxhash.xxh3_64_intdigest(key.encode())
 
 
-def payload_checksum(payload: memoryview | bytes) -> int:
+def payload_checksum(payload: Buffer) -> int:
     # xxhash releases the GIL on large inputs, so I/O threads hash in parallel.
     return xxhash.xxh3_64_intdigest(payload)
 
@@ -122,7 +127,7 @@ def pack_header(header: SlotHeader, out: memoryview) -> None:
     out[_FIELDS.size : _FIELDS.size + 8] = _HEADER_CHECKSUM.pack(xxhash.xxh3_64_intdigest(fields))
 
 
-def unpack_header(raw: memoryview | bytes) -> SlotHeader | None:
+def unpack_header(raw: memoryview | bytes | np.ndarray) -> SlotHeader | None:
     """The header in ``raw``, or ``None`` when it is not an intact kvbm slot header."""
     fields = bytes(raw[: _FIELDS.size])
     (stored,) = _HEADER_CHECKSUM.unpack(bytes(raw[_FIELDS.size : _FIELDS.size + 8]))
@@ -137,7 +142,7 @@ def unpack_header(raw: memoryview | bytes) -> SlotHeader | None:
 
 
 def check_header(
-    raw: memoryview | bytes,
+    raw: memoryview | bytes | np.ndarray,
     *,
     fingerprint: int,
     slot: int,

@@ -41,6 +41,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 
@@ -60,6 +61,9 @@ from kvbm_tiers_disk.slot_format import (
     pack_header,
     payload_checksum,
 )
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
 
 __all__ = ["DiskStorage", "DiskBlockError", "STAT_NAMES"]
 
@@ -81,6 +85,12 @@ STAT_NAMES = (
     "file_lost",
 )
 _MAX_LOGGED_CORRUPT = 100
+
+
+def _as_buffer(array: np.ndarray) -> Buffer:
+    # Every ndarray exports the buffer protocol, but numpy's stubs declare
+    # ``ndarray.__buffer__`` only for Python 3.12+, so for 3.11 mypy needs telling.
+    return cast("Buffer", array)
 
 
 class DiskBlockError(Exception):
@@ -137,13 +147,14 @@ class DiskStorage(Storage):
         self._idle = threading.Condition(self._lock)
         self._is_file_lost = False
         self._lock_fd = _open_slots_file(self.path)
-        self._fd: int | None = None
+        io_fd: int | None = None
         try:
             self._size_file()
-            self._fd, self.is_o_direct = self._open_io_fd(use_o_direct)
+            io_fd, self.is_o_direct = self._open_io_fd(use_o_direct)
+            self._fd = io_fd
             self._persisted = self._load_index(verify_on_open)
         except BaseException as exc:
-            for fd in (self._fd, self._lock_fd):
+            for fd in (io_fd, self._lock_fd):
                 if fd is not None:
                     os.close(fd)
             if isinstance(exc, OSError):
@@ -197,7 +208,7 @@ class DiskStorage(Storage):
                 reason = exc.strerror
             else:
                 try:
-                    os.preadv(fd, [aligned_array(ALIGN)], 0)
+                    os.preadv(fd, [_as_buffer(aligned_array(ALIGN))], 0)
                     return fd, True
                 except OSError as exc:
                     os.close(fd)
@@ -239,7 +250,7 @@ class DiskStorage(Storage):
         slot, (block_hash, checksum) = item
         raw = self._header_buffer()
         try:
-            if os.preadv(self._fd, [raw], self.geometry.offset(slot)) != HEADER_BYTES:
+            if os.preadv(self._fd, [_as_buffer(raw)], self.geometry.offset(slot)) != HEADER_BYTES:
                 return False
             header = check_header(
                 raw,
@@ -282,14 +293,14 @@ class DiskStorage(Storage):
         self._check_io(slot, block_hash)
         num_bytes = self.geometry.bytes_per_block
         self._forget([slot])  # a half-written slot must never stay listed under its old block
-        checksum = payload_checksum(buffer[HEADER_BYTES : HEADER_BYTES + num_bytes])
+        checksum = payload_checksum(_as_buffer(buffer[HEADER_BYTES : HEADER_BYTES + num_bytes]))
         header = SlotHeader(self.fingerprint, slot, block_hash or 0, num_bytes, checksum)
         buffer[:HEADER_BYTES] = 0
-        pack_header(header, memoryview(buffer[:HEADER_BYTES]))
+        pack_header(header, memoryview(_as_buffer(buffer[:HEADER_BYTES])))
         io_bytes = self._io_bytes()
         try:
             with self._in_flight(), self._io_gate:
-                done = os.pwritev(self._fd, [buffer[:io_bytes]], self.geometry.offset(slot))
+                done = os.pwritev(self._fd, [_as_buffer(buffer[:io_bytes])], self.geometry.offset(slot))
         except OSError as exc:
             raise self._io_failure("write", slot, exc) from None
         if done != io_bytes:
@@ -309,7 +320,7 @@ class DiskStorage(Storage):
         io_bytes = self._io_bytes()
         try:
             with self._in_flight(), self._io_gate:
-                done = os.preadv(self._fd, [buffer[:io_bytes]], self.geometry.offset(slot))
+                done = os.preadv(self._fd, [_as_buffer(buffer[:io_bytes])], self.geometry.offset(slot))
         except OSError as exc:
             raise self._io_failure("read", slot, exc) from None
         if done < HEADER_BYTES + num_bytes:
@@ -325,7 +336,7 @@ class DiskStorage(Storage):
         except ValueError as exc:
             raise self._corrupt(slot, block_hash, str(exc)) from None
         payload = buffer[HEADER_BYTES : HEADER_BYTES + num_bytes]
-        if payload_checksum(payload) != stored.checksum:
+        if payload_checksum(_as_buffer(payload)) != stored.checksum:
             raise self._corrupt(slot, block_hash, "payload checksum mismatch")
         with self._lock:
             self._counters["blocks_read"] += 1

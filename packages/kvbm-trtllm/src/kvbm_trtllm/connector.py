@@ -30,6 +30,7 @@ import logging
 from typing import Any
 
 from kvbm_core.config import KvbmConfig
+from kvbm_core.manager import IterationPlan
 from kvbm_core.plugins import get_plugin_manager, load_discovery_backend
 from kvbm_trtllm.leader import KvbmLeaderCore
 from kvbm_trtllm.trtllm_api import (
@@ -197,6 +198,12 @@ class KvbmConnectorWorker(KvCacheConnectorWorker):
         iteration = getattr(plan, "iteration", None)
         if plan is None or iteration == self._last_iteration:
             return  # nothing bound, or the same plan bound again on an idle iteration
+        if not isinstance(plan, IterationPlan):
+            raise TypeError(
+                f"the connector metadata bound to the kvbm worker is a {type(plan).__name__}, not "
+                "a kvbm IterationPlan; kv_connector_config must name kvbm's scheduler and worker "
+                "classes together"
+            )
         self._last_iteration = iteration
         self.core.start_iteration(plan)
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 __all__ = [
     "HAS_TENSORRT_LLM",
@@ -64,12 +64,12 @@ def _import_real() -> tuple[Any, ...] | None:
 _real = _import_real()
 HAS_TENSORRT_LLM = _real is not None
 
-if _real is not None:
-    KvCacheConnectorScheduler, KvCacheConnectorWorker, SchedulerOutput, RequestData = _real
-else:
+# mypy checks against the stand-ins (TYPE_CHECKING is true for it); at run time they are
+# defined only when TensorRT-LLM is absent.
+if TYPE_CHECKING or _real is None:
 
     @dataclass
-    class RequestData:  # type: ignore[no-redef]
+    class RequestData:
         """One request's delta since its last report (TensorRT-LLM 1.2 fields)."""
 
         request_id: int
@@ -79,13 +79,13 @@ else:
         num_scheduled_tokens: int
 
     @dataclass
-    class SchedulerOutput:  # type: ignore[no-redef]
+    class SchedulerOutput:
         """Requests scheduled this iteration: first appearances and later steps."""
 
         new_requests: list[RequestData] = field(default_factory=list)
         cached_requests: list[RequestData] = field(default_factory=list)
 
-    class KvCacheConnectorWorker(ABC):  # type: ignore[no-redef]
+    class KvCacheConnectorWorker(ABC):
         """Data plane: one per rank. Mirrors TensorRT-LLM's abstract worker."""
 
         def __init__(self, llm_args: Any):
@@ -124,7 +124,7 @@ else:
             self, finished_gen_req_ids: list[int], started_loading_req_ids: list[int]
         ) -> tuple[list[int], list[int]]: ...
 
-    class KvCacheConnectorScheduler(ABC):  # type: ignore[no-redef]
+    class KvCacheConnectorScheduler(ABC):
         """Control plane: rank 0 only. Mirrors TensorRT-LLM's abstract scheduler."""
 
         def __init__(self, llm_args: Any):
@@ -143,6 +143,9 @@ else:
 
         @abstractmethod
         def update_state_after_alloc(self, request: Any, block_ids: list[int]) -> None: ...
+
+else:
+    KvCacheConnectorScheduler, KvCacheConnectorWorker, SchedulerOutput, RequestData = _real
 
 
 @dataclass

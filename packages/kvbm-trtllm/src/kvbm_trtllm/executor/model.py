@@ -313,9 +313,9 @@ class ReferenceModel:
             rows = slice(starts[i], starts[i + 1])
             attn[rows] = self._attend(q[rows], keys, values, c.start_pos).to(q.dtype)
         if decode_rows:
-            rows = torch.tensor([starts[i] for i in decode_rows], device=q.device)
-            attn[rows] = self._attend_decode_batch(
-                q[rows], [chunks[i] for i in decode_rows], k_pool, v_pool
+            decode_idx = torch.tensor([starts[i] for i in decode_rows], device=q.device)
+            attn[decode_idx] = self._attend_decode_batch(
+                q[decode_idx], [chunks[i] for i in decode_rows], k_pool, v_pool
             )
         attn = attn.reshape(-1, hq * d)
         h = h + self._row_parallel(attn, w.o)
