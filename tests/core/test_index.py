@@ -180,3 +180,17 @@ def test_eviction_order_follows_release_order(release_order):
         index.unpin(index.pin([block_hash]))
     allocation = index.prepare_store([1000 + i for i in range(len(release_order))])
     assert list(allocation.evicted_hashes) == release_order
+
+
+def test_slot_failing_repeatedly_is_retired_and_capacity_shrinks():
+    from kvbm_core.index import MAX_SLOT_FAILURES
+
+    index = TierIndex("disk", 2)
+    for attempt in range(MAX_SLOT_FAILURES):
+        allocation = index.prepare_store([100 + attempt])
+        assert allocation.slots == (0,)
+        index.complete_store(allocation.block_hashes, success=False)
+    assert index.retired_slots == {0}
+    assert index.prepare_store([1]).slots == (1,)
+    assert index.prepare_store([2]) is None  # one usable slot left, now pending
+    assert index.num_used == 1

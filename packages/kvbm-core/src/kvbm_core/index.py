@@ -12,7 +12,9 @@ Operations:
   *pending*: neither matchable nor evictable until ``complete_store``. Returns ``None`` when
   nothing could be allocated.
 - ``complete_store(hashes, success)``: a pending block becomes readable once every rank wrote
-  it, or is rolled back (slot freed) when any rank failed.
+  it, or is rolled back (slot freed) when any rank failed. A slot whose writes failed
+  ``MAX_SLOT_FAILURES`` times is retired: the tier degrades to fewer slots rather than keep
+  failing on a bad region.
 - ``remove(hashes)``: forget blocks (e.g. found corrupt); a pinned one stops matching at once
   and its slot is freed when its last reader unpins.
 - ``restore(blocks)``: seed readable blocks (a persistent tier after a restart).
@@ -25,7 +27,9 @@ import itertools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-__all__ = ["TierIndex", "StoreAllocation"]
+__all__ = ["TierIndex", "StoreAllocation", "MAX_SLOT_FAILURES"]
+
+MAX_SLOT_FAILURES = 3
 
 
 @dataclass(slots=True)
@@ -62,12 +66,14 @@ class TierIndex:
         self._free_slots: list[int] = list(range(num_slots))
         self._evictable: list[tuple[int, int, int, int]] = []  # (priority, released_at, slot, hash)
         self._clock = itertools.count(1)
+        self._slot_failures: dict[int, int] = {}
+        self.retired_slots: set[int] = set()
 
     # ---- queries ---------------------------------------------------------------------------
 
     @property
     def num_used(self) -> int:
-        return self.num_slots - len(self._free_slots)
+        return self.num_slots - len(self._free_slots) - len(self.retired_slots)
 
     @property
     def num_free(self) -> int:
@@ -155,7 +161,7 @@ class TierIndex:
                 entry.is_ready = True
                 self._release(entry)
             else:
-                self._drop(entry)
+                self._fail(entry)
 
     def remove(self, block_hashes: Iterable[int]) -> list[int]:
         """Forget blocks; returns the hashes that were held."""
@@ -233,6 +239,15 @@ class TierIndex:
             evicted.append(block_hash)
             return slot
         return None
+
+    def _fail(self, entry: _Entry) -> None:
+        failures = self._slot_failures[entry.slot] = self._slot_failures.get(entry.slot, 0) + 1
+        if failures < MAX_SLOT_FAILURES:
+            self._drop(entry)
+            return
+        del self._by_hash[entry.block_hash]
+        self._by_slot[entry.slot] = None
+        self.retired_slots.add(entry.slot)
 
     def _drop(self, entry: _Entry) -> None:
         if self._by_hash.get(entry.block_hash) is entry:

@@ -455,6 +455,7 @@ class BlockManager:
             if index is not None:
                 self.stats.set(f"{prefix}_cache_used_blocks", index.num_used)
                 self.stats.set(f"{prefix}_cache_capacity_blocks", index.num_slots)
+                self.stats.set(f"{prefix}_cache_retired_blocks", len(index.retired_slots))
 
     def _record(
         self,

@@ -47,6 +47,8 @@ GAUGES: dict[str, str] = {
     "host_cache_capacity_blocks": "Host-memory capacity in blocks",
     "disk_cache_used_blocks": "Disk blocks holding KV",
     "disk_cache_capacity_blocks": "Disk capacity in blocks",
+    "host_cache_retired_blocks": "Host-memory slots retired after repeated write failures",
+    "disk_cache_retired_blocks": "Disk slots retired after repeated write failures",
 }
 HISTOGRAMS: dict[str, str] = {
     "onboard_latency_seconds": "Time from planning a load to its completion on all ranks",
