@@ -4,8 +4,9 @@ Which process: the ``kvbm`` command (or a test); TP>1 runs one spawned process p
 
 Operations:
 - ``BenchOptions``: what to run (workload, model size, device, TP, tier sizes, the GPU pool)
-  and where to write; ``BenchOptions.resolve()`` fills the device-dependent defaults and
-  raises :class:`BenchError` naming a bad option and its fix.
+  and where to write; ``BenchOptions.resolve() -> ResolvedBenchOptions`` fills the
+  device-dependent defaults (model, device and the workload sizes are then set) and raises
+  :class:`BenchError` naming a bad option and its fix. Everything below takes resolved options.
 - ``build_workload(options) -> (Workload, round_of)``: the requests and each one's round
   (a conversation turn, a question round, a wave of prefix requests).
 - ``run_once(options, workload, with_kvbm, ...) -> RunOutcome``: one executor run, with
@@ -32,7 +33,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,7 @@ from kvbm_discovery.local_servers import free_port
 __all__ = [
     "BenchError",
     "BenchOptions",
+    "ResolvedBenchOptions",
     "MODEL_PRESETS",
     "WORKLOADS",
     "RunOutcome",
@@ -101,7 +103,7 @@ class BenchOptions:
     seed: int = 0
     output_dir: str = "kvbm-bench"
 
-    def resolve(self) -> BenchOptions:
+    def resolve(self) -> ResolvedBenchOptions:
         """Fill the defaults that depend on the machine; check every option."""
         device = self.device or _default_device()
         _check_device(device)
@@ -112,8 +114,8 @@ class BenchOptions:
             raise BenchError(f"--workload {self.workload!r} is unknown; choose one of {', '.join(WORKLOADS)}")
         on_gpu = device.startswith("cuda")
         sizes = _default_sizes(self.workload, on_gpu, model == "tiny")
-        resolved = replace(
-            self,
+        values = {f.name: getattr(self, f.name) for f in fields(BenchOptions)}
+        values.update(
             device=device,
             model=model,
             sessions=sizes["sessions"] if self.sessions is None else self.sessions,
@@ -121,6 +123,7 @@ class BenchOptions:
             context_tokens=sizes["context_tokens"] if self.context_tokens is None else self.context_tokens,
             turn_tokens=sizes["turn_tokens"] if self.turn_tokens is None else self.turn_tokens,
         )
+        resolved = ResolvedBenchOptions(**values)
         resolved._check()
         return resolved
 
@@ -158,6 +161,22 @@ class BenchOptions:
         return MODEL_PRESETS[str(self.model)]
 
 
+@dataclass(frozen=True, kw_only=True)
+class ResolvedBenchOptions(BenchOptions):
+    """``BenchOptions`` after ``resolve()``: the machine-dependent defaults are filled in.
+
+    Only ``resolve()`` should build one; it has checked every option. The fields keep their
+    places, so ``asdict`` (the ``options`` of ``bench.json``) is unchanged.
+    """
+
+    model: str
+    device: str
+    sessions: int
+    rounds: int
+    context_tokens: int
+    turn_tokens: int
+
+
 def _default_device() -> str:
     import torch
 
@@ -189,7 +208,7 @@ def _default_sizes(workload: str, on_gpu: bool, is_tiny: bool) -> dict[str, int]
 # ---- workload ------------------------------------------------------------------------------
 
 
-def build_workload(options: BenchOptions) -> tuple[Any, dict[int, int]]:
+def build_workload(options: ResolvedBenchOptions) -> tuple[Any, dict[int, int]]:
     from kvbm_trtllm.executor import long_document_qa, multi_turn_chat, prefix_repetition
 
     o = options
@@ -212,7 +231,7 @@ def build_workload(options: BenchOptions) -> tuple[Any, dict[int, int]]:
             spacing_iterations=1, seed=o.seed,
         )
     # Every generator numbers requests round by round, ``sessions`` per round.
-    round_of = {r.request_id: r.request_id // int(o.sessions) for r in workload.requests}
+    round_of = {r.request_id: r.request_id // o.sessions for r in workload.requests}
     return workload, round_of
 
 
@@ -230,7 +249,7 @@ def working_set_blocks(workload: Any, tokens_per_block: int) -> int:
     return len(seen)
 
 
-def size_pools(options: BenchOptions, workload: Any) -> dict[str, int]:
+def size_pools(options: ResolvedBenchOptions, workload: Any) -> dict[str, int]:
     """GPU pool and tier sizes in blocks: the GPU pool well below the working set."""
     t = options.tokens_per_block
     longest = max(_blocks(len(r.prompt) + r.max_new_tokens, t) for r in workload.requests)
@@ -262,10 +281,10 @@ class RunOutcome:
     stats: dict[str, float] | None = None  # the leader's counters and gauges (kvbm runs)
     latencies: dict[str, dict[str, float]] | None = None  # sum/count per histogram
     kvbm_config: dict[str, Any] | None = None
-    transfer_rates: dict[str, dict[str, float]] | None = None  # see probe_transfers
+    transfer_rates: dict[str, dict[str, float | str]] | None = None  # see probe_transfers
 
 
-def kvbm_settings(options: BenchOptions, pools: dict[str, int], disk_dir: str, namespace: str) -> dict[str, Any]:
+def kvbm_settings(options: ResolvedBenchOptions, pools: dict[str, int], disk_dir: str, namespace: str) -> dict[str, Any]:
     """The ``llm_args.extra["kvbm"]`` mapping of a bench run (wins over KVBM_* variables)."""
     settings: dict[str, Any] = {
         "discovery": "inproc",
@@ -298,7 +317,7 @@ _RUN_IDS = itertools.count()
 
 
 def run_once(
-    options: BenchOptions,
+    options: ResolvedBenchOptions,
     workload: Any,
     pools: dict[str, int],
     with_kvbm: bool,
@@ -310,7 +329,7 @@ def run_once(
     from kvbm_trtllm.executor import Executor, ModelConfig, PoolConfig
     from kvbm_trtllm.trtllm_api import KvCacheConfigLike, LlmArgsLike
 
-    model_config = ModelConfig(device=str(options.device), name=f"bench-{options.model}", seed=options.seed,
+    model_config = ModelConfig(device=options.device, name=f"bench-{options.model}", seed=options.seed,
                                **options.model_preset)
     pool_config = PoolConfig(num_blocks=pools["gpu"], tokens_per_block=options.tokens_per_block)
     temp_dir = None
@@ -338,7 +357,7 @@ def run_once(
             return run_tp_bench(options, workload, model_config, pool_config, connector, llm_args)
         started = time.perf_counter()
         executor = Executor(model_config, pool_config, connector, llm_args=llm_args,
-                            max_batch_size=max(8, int(options.sessions)))
+                            max_batch_size=max(8, options.sessions))
         try:
             result = executor.run(workload)
             wall_s = time.perf_counter() - started
@@ -376,7 +395,9 @@ _PROBE_ORDER = (("gpu", "cpu"), ("cpu", "disk"), ("gpu", "disk"), ("cpu", "gpu")
                 ("disk", "cpu"))
 
 
-def probe_transfers(worker: Any, *, with_disk: bool, max_blocks: int = 64, repeats: int = 3) -> dict[str, dict[str, float]]:
+def probe_transfers(
+    worker: Any, *, with_disk: bool, max_blocks: int = 64, repeats: int = 3,
+) -> dict[str, dict[str, float | str]]:
     """Time one job of ``max_blocks`` blocks per direction through the worker's own handlers.
 
     Runs after the workload, when the engine is idle: best of ``repeats``, wall clock from
@@ -390,7 +411,7 @@ def probe_transfers(worker: Any, *, with_disk: bool, max_blocks: int = 64, repea
     engine, storages, layout = (getattr(core, a, None) for a in ("engine", "storages", "layout"))
     if engine is None or not storages or layout is None:
         return {}
-    rates: dict[str, dict[str, float]] = {}
+    rates: dict[str, dict[str, float | str]] = {}
     job_ids = itertools.count(PROBE_JOB_ID)
     for src, dst in _PROBE_ORDER:
         if (src, dst) not in engine.pairs or (not with_disk and "disk" in (src, dst)):
@@ -400,7 +421,8 @@ def probe_transfers(worker: Any, *, with_disk: bool, max_blocks: int = 64, repea
             continue
         ids = tuple(range(n))
         hashes = tuple(range(PROBE_JOB_ID, PROBE_JOB_ID + n))
-        best, error = math.inf, None
+        best = math.inf
+        error: str | None = None
         for _ in range(repeats):
             job = TransferJob(next(job_ids), src, dst, ids, ids, hashes)
             started = time.perf_counter()
@@ -458,7 +480,7 @@ class RoundRow:
 
 @dataclass
 class BenchReport:
-    options: BenchOptions
+    options: ResolvedBenchOptions
     pools: dict[str, int]
     rounds: list[RoundRow]
     with_kvbm: RunOutcome
@@ -594,12 +616,12 @@ def run_bench(
     return BenchReport(options, pools, rows, with_run, without_run, matches)
 
 
-def warm_up(options: BenchOptions) -> None:
+def warm_up(options: ResolvedBenchOptions) -> None:
     """One short request through the model, so one-time start-up costs land in neither run."""
     from kvbm_trtllm.executor import Executor, ModelConfig, PoolConfig
     from kvbm_trtllm.executor.workloads import RequestSpec, Workload
 
-    model_config = ModelConfig(device=str(options.device), name="bench-warm-up", seed=options.seed,
+    model_config = ModelConfig(device=options.device, name="bench-warm-up", seed=options.seed,
                                **options.model_preset)
     num_tokens = 2 * options.tokens_per_block
     prompt = tuple(1 + i % (model_config.vocab_size - 1) for i in range(num_tokens))
@@ -657,8 +679,10 @@ def plot_rounds(report: BenchReport, path: Path) -> None:
 
     rounds = [r.round + 1 for r in report.rounds]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
-    if report.without_kvbm is not None:
-        ax.plot(rounds, [r.ttft_without_s * 1000 for r in report.rounds], "o-", color="#888888",
+    # Every round has a time without kvbm exactly when the baseline ran.
+    without_ms = [r.ttft_without_s * 1000 for r in report.rounds if r.ttft_without_s is not None]
+    if report.without_kvbm is not None and len(without_ms) == len(rounds):
+        ax.plot(rounds, without_ms, "o-", color="#888888",
                 label="without kvbm (recompute)")
     tiers = " + ".join({"cpu": "G2 host", "disk": "G3 disk"}[t] for t in report.options.tiers)
     ax.plot(rounds, [r.ttft_with_s * 1000 for r in report.rounds], "o-", color="#76b900",

@@ -70,17 +70,8 @@ def _indent_rows(rows: list[tuple[str, str, str]]) -> list[tuple[str, str, str]]
 
 def run_checks(environ: Mapping[str, str] | None = None) -> list[Check]:
     env = os.environ if environ is None else environ
-    checks: list[Check] = []
-    try:
-        config = KvbmConfig.from_env(env)
-    except ConfigError as exc:
-        checks.append(Check("config", FAIL, str(exc), "fix or unset that variable (see README: Configuration)"))
-        config = None
-    else:
-        status = OK if config.cpu_enabled else WARN
-        fix = "" if config.cpu_enabled else "set KVBM_CPU_CACHE_GB (and KVBM_DISK_CACHE_GB) to give kvbm tiers"
-        checks.append(Check("config", status, _describe_config(config), fix))
-    checks += _torch_checks()
+    config, config_check = _load_config(env)
+    checks = [config_check, *_torch_checks()]
     if config is not None:
         checks.append(_check_cpu_tier(config))
         checks += _disk_checks(config, env)
@@ -97,6 +88,17 @@ def run_checks(environ: Mapping[str, str] | None = None) -> list[Check]:
                                 "only the reference executor (kvbm bench) can drive kvbm here",
                                 "install TensorRT-LLM (>= 1.2) to serve models with kvbm"))
     return checks
+
+
+def _load_config(env: Mapping[str, str]) -> tuple[KvbmConfig | None, Check]:
+    """The config (``None`` when it is invalid) and the check that reports it."""
+    try:
+        config = KvbmConfig.from_env(env)
+    except ConfigError as exc:
+        return None, Check("config", FAIL, str(exc), "fix or unset that variable (see README: Configuration)")
+    status = OK if config.cpu_enabled else WARN
+    fix = "" if config.cpu_enabled else "set KVBM_CPU_CACHE_GB (and KVBM_DISK_CACHE_GB) to give kvbm tiers"
+    return config, Check("config", status, _describe_config(config), fix)
 
 
 def _describe_config(config: KvbmConfig) -> str:

@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
+from typing import cast
 
 from kvbm_core.plugins import (
+    DiscoveryBackendSpec,
     PluginLoadError,
+    TierSpec,
     get_plugin_manager,
     load_discovery_backend,
     load_tier_specs,
@@ -51,7 +55,10 @@ def list_plugins(blocked: tuple[str, ...] = ()) -> list[PluginRow]:
     for kind, hook in (("tier", pm.hook.kvbm_tier_specs), ("discovery", pm.hook.kvbm_discovery_backends)):
         for impl in hook.get_hookimpls():
             dist, version = dists.get(impl.plugin_name, ("(registered in-process)", ""))
-            for spec in impl.function() or []:
+            # pluggy types a hook implementation as returning ``object``; the hookspecs
+            # (kvbm_core.hookspecs) say what these two return.
+            specs = cast("Iterable[TierSpec | DiscoveryBackendSpec] | None", impl.function())
+            for spec in specs or []:
                 rows.append(PluginRow(
                     kind, spec.name, impl.plugin_name, dist, version, spec.description,
                     getattr(spec, "level", None), getattr(spec, "medium", None),
