@@ -11,6 +11,7 @@ from typing import Any
 
 from kvbm_trtllm.connector import KvbmConnectorLeader, KvbmConnectorWorker
 from kvbm_trtllm.executor.null_connector import NullConnectorScheduler, NullConnectorWorker
+from kvbm_trtllm.trtllm_api import KvCacheConnectorScheduler
 
 __all__ = ["BenchKvbmLeader", "BenchKvbmWorker", "BenchNullScheduler", "BenchNullWorker"]
 
@@ -20,7 +21,9 @@ def _callback(llm_args: Any):
     return extra.get("bench_on_request_finished") if isinstance(extra, dict) else None
 
 
-class BenchKvbmLeader(KvbmConnectorLeader):
+class _TicksOnFinish(KvCacheConnectorScheduler):
+    """Calls the bench's progress callback once per finished request, then the real scheduler."""
+
     def __init__(self, llm_args: Any):
         super().__init__(llm_args)
         self._on_finished = _callback(llm_args)
@@ -28,18 +31,16 @@ class BenchKvbmLeader(KvbmConnectorLeader):
     def request_finished(self, request: Any, cache_block_ids: list[int]) -> bool:
         if self._on_finished is not None:
             self._on_finished()
-        return super().request_finished(request, cache_block_ids)
+        # The mixin always precedes a concrete scheduler in the MRO (see the classes below).
+        return super().request_finished(request, cache_block_ids)  # type: ignore[safe-super]
 
 
-class BenchNullScheduler(NullConnectorScheduler):
-    def __init__(self, llm_args: Any):
-        super().__init__(llm_args)
-        self._on_finished = _callback(llm_args)
+class BenchKvbmLeader(_TicksOnFinish, KvbmConnectorLeader):
+    pass
 
-    def request_finished(self, request: Any, cache_block_ids: list[int]) -> bool:
-        if self._on_finished is not None:
-            self._on_finished()
-        return super().request_finished(request, cache_block_ids)
+
+class BenchNullScheduler(_TicksOnFinish, NullConnectorScheduler):
+    pass
 
 
 BenchKvbmWorker = KvbmConnectorWorker
