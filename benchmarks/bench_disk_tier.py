@@ -9,6 +9,8 @@ Measured in one run, on one file system:
 - ``cpu->disk`` / ``disk->cpu``: the disk tier's host handlers moving ``--blocks`` blocks in
   jobs of ``--blocks-per-job`` to shuffled slots (headers, checksums and verification
   included); writes end with an fdatasync, reads start with the file out of the page cache.
+  ``--backend nixl`` (or ``both``) runs them on the NIXL handlers too (rows marked
+  ``(nixl)``; needs a NIXL wheel, e.g. nixl-cu13, whose POSIX backend needs no GPU).
 - ``gpu->disk`` / ``disk->gpu``: the GPU handlers (through the bounce buffer), with a CUDA
   pool when a GPU is present and a CPU tensor standing in for it otherwise.
 
@@ -65,6 +67,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=["shuffled", "sequential"],
         default="shuffled",
         help="tier slots used",
+    )
+    parser.add_argument(
+        "--backend",
+        choices=["threads", "nixl", "both"],
+        default="threads",
+        help="host<->disk handlers to measure",
     )
     parser.add_argument("--no-o-direct", action="store_true", help="buffered I/O in the tier")
     parser.add_argument("--layer-separate", action="store_true", help="GPU pool per layer")
@@ -176,6 +184,20 @@ def make_jobs(src: str, dst: str, src_ids, dst_ids, hashes, per_job: int) -> lis
     return jobs
 
 
+def _suffix(backend: str) -> str:
+    return "" if backend == "threads" else f" ({backend})"
+
+
+def host_handlers(backend: str, host: np.ndarray, storage: DiskStorage, threads: int) -> tuple:
+    if backend == "threads":
+        return HostToDiskHandler(host, storage, threads), DiskToHostHandler(host, storage, threads)
+    from kvbm_tiers_disk.nixl_handlers import NixlDiskToHostHandler, NixlHostToDiskHandler
+
+    return NixlHostToDiskHandler(host, storage, threads), NixlDiskToHostHandler(
+        host, storage, threads
+    )
+
+
 def make_pool(layout: KvLayout, num_blocks: int, device: str) -> DevicePool:
     import torch
 
@@ -208,7 +230,10 @@ def run(args: argparse.Namespace) -> dict:
     original = host.copy()
     hashes = [0x9E3779B97F4A7C15 * (i + 1) % 2**64 for i in range(n)]
     slots = rng.permutation(n).tolist() if args.slot_order == "shuffled" else list(range(n))
-    names = ("seq write", "seq read", "rand write", "rand read", "cpu->disk", "disk->cpu")
+    backends = ["threads", "nixl"] if args.backend == "both" else [args.backend]
+    names = ["seq write", "seq read", "rand write", "rand read"]
+    for backend in backends:
+        names += [f"cpu->disk{_suffix(backend)}", f"disk->cpu{_suffix(backend)}"]
     rows: dict[str, list[float]] = {k: [] for k in names}
     seq_mode = ""
     for _ in range(args.repeats):
@@ -227,21 +252,22 @@ def run(args: argparse.Namespace) -> dict:
         index_flush_secs=3600,
         io_depth=args.io_depth,
     )
-    up = HostToDiskHandler(host, storage, args.threads)
-    down = DiskToHostHandler(host, storage, args.threads)
     sync = storage.sync  # what the dd-like baseline's fsync pays for
     to_disk = make_jobs("cpu", "disk", list(range(n)), slots, hashes, args.blocks_per_job)
     from_disk = make_jobs("disk", "cpu", slots, list(range(n))[::-1], hashes, args.blocks_per_job)
-    for _ in range(args.repeats):
-        rows["cpu->disk"].append(total / timed_jobs(up, to_disk, sync))
-        host[:] = 0
-        drop_cache(storage.path)
-        rows["disk->cpu"].append(total / timed_jobs(down, from_disk))
-        if not np.array_equal(host[::-1], original):
-            raise SystemExit("disk->cpu returned different bytes")
-        host[:] = original
-    up.close()
-    down.close()
+    for backend in backends:
+        up, down = host_handlers(backend, host, storage, args.threads)
+        suffix = _suffix(backend)
+        for _ in range(args.repeats):
+            rows[f"cpu->disk{suffix}"].append(total / timed_jobs(up, to_disk, sync))
+            host[:] = 0
+            drop_cache(storage.path)
+            rows[f"disk->cpu{suffix}"].append(total / timed_jobs(down, from_disk))
+            if not np.array_equal(host[::-1], original):
+                raise SystemExit(f"disk->cpu ({backend}) returned different bytes")
+            host[:] = original
+        up.close()
+        down.close()
 
     device = None
     if not args.no_gpu_pool:
@@ -277,6 +303,7 @@ def run(args: argparse.Namespace) -> dict:
         "blocks": n,
         "blocks_per_job": args.blocks_per_job,
         "threads": args.threads,
+        "backends": backends,
         "io_depth": args.io_depth,
         "slot_order": args.slot_order,
         "repeats": args.repeats,
@@ -286,12 +313,12 @@ def run(args: argparse.Namespace) -> dict:
         "gb_per_s": medians,
         "runs_gb_per_s": {k: [x / 1e9 for x in v] for k, v in rows.items()},
         "vs_sequential": {
-            k: medians[k] / medians["seq write" if k.endswith("->disk") else "seq read"]
+            k: medians[k] / medians["seq write" if "->disk" in k else "seq read"]
             for k in medians
             if "->" in k
         },
         "vs_raw_random": {
-            k: medians[k] / medians["rand write" if k.endswith("->disk") else "rand read"]
+            k: medians[k] / medians["rand write" if "->disk" in k else "rand read"]
             for k in medians
             if "->" in k
         },
@@ -302,15 +329,16 @@ def run(args: argparse.Namespace) -> dict:
 def print_table(result: dict) -> None:
     print(
         f"disk tier on {result['machine']} ({result['cpus']} cpus), {result['blocks']} x "
-        f"{result['block_bytes'] / 2**20:g} MiB blocks, {result['threads']} threads, tier "
+        f"{result['block_bytes'] / 2**20:g} MiB blocks, {result['threads']} threads (or NIXL "
+        f"staging slots) per handler, tier "
         f"O_DIRECT={result['tier_o_direct']}, gpu pool on {result['device']}, median of "
         f"{result['repeats']}"
     )
-    print(f"{'path':<12} {'GB/s':>7} {'vs sequential':>14} {'vs raw random':>14}")
+    print(f"{'path':<18} {'GB/s':>7} {'vs sequential':>14} {'vs raw random':>14}")
     for name, value in result["gb_per_s"].items():
         ratios = [result[key].get(name) for key in ("vs_sequential", "vs_raw_random")]
         shown = [f"{r:.0%}" if r is not None else "" for r in ratios]
-        print(f"{name:<12} {value:>7.2f} {shown[0]:>14} {shown[1]:>14}")
+        print(f"{name:<18} {value:>7.2f} {shown[0]:>14} {shown[1]:>14}")
 
 
 def main(argv: list[str] | None = None) -> None:

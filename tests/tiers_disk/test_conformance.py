@@ -19,4 +19,4 @@ pytestmark = pytest.mark.skipif(
 class TestDiskTier(TierConformance):
     tier_name = "disk"
     blocked_plugins = ("example",)
-    tier_options = {"disk_io_threads": 4}
+    tier_options = {"disk_io_threads": 4, "disk_backend": "threads"}

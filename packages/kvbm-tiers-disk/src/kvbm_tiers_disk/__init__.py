@@ -2,7 +2,8 @@
 
 Public surface: ``DiskStorage`` (one rank's slots file and persistent index), the transfer
 handlers (``HostToDiskHandler``, ``DiskToHostHandler``, ``GpuToDiskHandler``,
-``DiskToGpuHandler``) and ``DiskBlockError``. The plugin module ``kvbm_tiers_disk.plugin`` is
+``DiskToGpuHandler``), their NIXL variants for host <-> disk (``NixlHostToDiskHandler``,
+``NixlDiskToHostHandler``; need a NIXL wheel only when constructed) and ``DiskBlockError``. The plugin module ``kvbm_tiers_disk.plugin`` is
 what kvbm loads through the ``kvbm`` entry point.
 """
 
@@ -12,6 +13,7 @@ from kvbm_tiers_disk.handlers import (
     GpuToDiskHandler,
     HostToDiskHandler,
 )
+from kvbm_tiers_disk.nixl_handlers import NixlDiskToHostHandler, NixlHostToDiskHandler
 from kvbm_tiers_disk.storage import DiskBlockError, DiskStorage
 
 __all__ = [
@@ -21,5 +23,7 @@ __all__ = [
     "DiskToHostHandler",
     "GpuToDiskHandler",
     "HostToDiskHandler",
+    "NixlDiskToHostHandler",
+    "NixlHostToDiskHandler",
 ]
 __version__ = "0.1.0"

@@ -44,6 +44,7 @@ from kvbm_tiers_disk.slot_format import HEADER_BYTES
 from kvbm_tiers_disk.storage import DiskBlockError, DiskStorage
 
 __all__ = [
+    "DiskHandlerBase",
     "DiskHandler",
     "HostToDiskHandler",
     "DiskToHostHandler",
@@ -68,43 +69,34 @@ class _JobState:
     bad_block_hashes: list[int] = field(default_factory=list)
 
 
-class DiskHandler(TransferHandler):
-    """Runs one task per block on a thread pool and folds the outcomes into job results."""
+class DiskHandlerBase(TransferHandler):
+    """What every disk tier handler shares: job checks, per-block outcomes folded into job
+    results, ``poll`` and ``num_pending``. Subclasses move the blocks."""
 
     src_medium: str
     dst_medium: str
 
-    def __init__(
-        self, storage: DiskStorage, num_src_ids: int, num_dst_ids: int, num_threads: int
-    ) -> None:
+    def __init__(self, storage: DiskStorage, num_src_ids: int, num_dst_ids: int) -> None:
         self.storage = storage
         self._num_ids = {"src": num_src_ids, "dst": num_dst_ids}
-        self._pool = ThreadPoolExecutor(
-            num_threads, thread_name_prefix=f"kvbm-{self.src_medium}2{self.dst_medium}"
-        )
         self._lock = threading.Lock()
         self._done: deque[JobResult] = deque()
         self._num_pending = 0
         self._is_closed = False
 
-    # ------------------------------------------------------------------ protocol
-
-    def submit(self, jobs: Sequence[TransferJob], ready: Any = None) -> None:
-        for job in jobs:
-            with self._lock:
-                self._num_pending += 1
-            problem = self._check_job(job)
-            if problem is not None:
-                self._finish(JobResult(job.job_id, False, error=problem))
-                continue
-            state = _JobState(job, num_left=job.num_blocks)
-            if job.num_blocks == 0:
-                self._finish(JobResult(job.job_id, True))
-            for index in range(job.num_blocks):
-                try:
-                    self._pool.submit(self._run_block, state, index, ready)
-                except RuntimeError:  # the pool was shut down by close()
-                    self._complete_block(state, index, "the disk tier handler is closed", False)
+    def _accept(self, job: TransferJob) -> _JobState | None:
+        """Count ``job`` as pending; its state, or ``None`` when it is already finished
+        (refused, or without blocks)."""
+        with self._lock:
+            self._num_pending += 1
+        problem = self._check_job(job)
+        if problem is not None:
+            self._finish(JobResult(job.job_id, False, error=problem))
+            return None
+        if job.num_blocks == 0:
+            self._finish(JobResult(job.job_id, True))
+            return None
+        return _JobState(job, num_left=job.num_blocks)
 
     def _finish(self, result: JobResult) -> None:
         with self._lock:
@@ -122,12 +114,6 @@ class DiskHandler(TransferHandler):
         with self._lock:
             return self._num_pending
 
-    def close(self) -> None:
-        self._is_closed = True
-        self._pool.shutdown(wait=True)
-
-    # ------------------------------------------------------------------ per block
-
     def _check_job(self, job: TransferJob) -> str | None:
         if (job.src, job.dst) != (self.src_medium, self.dst_medium):
             return f"job {job.job_id} is {job.src} -> {job.dst}, this handler moves {self.src_medium} -> {self.dst_medium}"
@@ -141,19 +127,6 @@ class DiskHandler(TransferHandler):
         if len(set(job.dst_ids)) != len(job.dst_ids):
             return f"job {job.job_id}: a destination id appears twice"
         return None
-
-    def _run_block(self, state: _JobState, index: int, ready: Any) -> None:
-        error, is_corrupt = None, False
-        try:
-            if self._is_closed:  # close() fails what is still queued instead of running it
-                raise DiskBlockError("the disk tier handler was closed before this block ran")
-            self._move_block(state.job, index, ready)
-        except DiskBlockError as exc:
-            error, is_corrupt = str(exc), exc.is_corrupt
-        except Exception as exc:  # never let a bug or a driver error escape into the engine
-            log.exception("kvbm disk tier: %s -> %s block failed", self.src_medium, self.dst_medium)
-            error = f"{type(exc).__name__}: {exc}"
-        self._complete_block(state, index, error, is_corrupt)
 
     def _complete_block(
         self, state: _JobState, index: int, error: str | None, is_corrupt: bool
@@ -169,6 +142,50 @@ class DiskHandler(TransferHandler):
             if state.num_left:
                 return
             self._done.append(_result(state, self.storage.geometry.bytes_per_block))
+
+    @staticmethod
+    def _block_hash(job: TransferJob, index: int) -> int | None:
+        return job.block_hashes[index] if job.block_hashes else None
+
+
+class DiskHandler(DiskHandlerBase):
+    """Runs one task per block on a thread pool and folds the outcomes into job results."""
+
+    def __init__(
+        self, storage: DiskStorage, num_src_ids: int, num_dst_ids: int, num_threads: int
+    ) -> None:
+        super().__init__(storage, num_src_ids, num_dst_ids)
+        self._pool = ThreadPoolExecutor(
+            num_threads, thread_name_prefix=f"kvbm-{self.src_medium}2{self.dst_medium}"
+        )
+
+    def submit(self, jobs: Sequence[TransferJob], ready: Any = None) -> None:
+        for job in jobs:
+            state = self._accept(job)
+            if state is None:
+                continue
+            for index in range(job.num_blocks):
+                try:
+                    self._pool.submit(self._run_block, state, index, ready)
+                except RuntimeError:  # the pool was shut down by close()
+                    self._complete_block(state, index, "the disk tier handler is closed", False)
+
+    def close(self) -> None:
+        self._is_closed = True
+        self._pool.shutdown(wait=True)
+
+    def _run_block(self, state: _JobState, index: int, ready: Any) -> None:
+        error, is_corrupt = None, False
+        try:
+            if self._is_closed:  # close() fails what is still queued instead of running it
+                raise DiskBlockError("the disk tier handler was closed before this block ran")
+            self._move_block(state.job, index, ready)
+        except DiskBlockError as exc:
+            error, is_corrupt = str(exc), exc.is_corrupt
+        except Exception as exc:  # never let a bug or a driver error escape into the engine
+            log.exception("kvbm disk tier: %s -> %s block failed", self.src_medium, self.dst_medium)
+            error = f"{type(exc).__name__}: {exc}"
+        self._complete_block(state, index, error, is_corrupt)
 
     def _move_block(self, job: TransferJob, index: int, ready: Any) -> None:
         raise NotImplementedError
@@ -203,10 +220,6 @@ class DiskHandler(TransferHandler):
             if time.monotonic() > deadline:
                 raise DiskBlockError(f"source not ready after {READY_TIMEOUT_S:.0f} s")
 
-    @staticmethod
-    def _block_hash(job: TransferJob, index: int) -> int | None:
-        return job.block_hashes[index] if job.block_hashes else None
-
 
 def _result(state: _JobState, bytes_per_block: int) -> JobResult:
     job = state.job
@@ -219,7 +232,7 @@ def _result(state: _JobState, bytes_per_block: int) -> JobResult:
 # ---------------------------------------------------------------------- host <-> disk
 
 
-def _host_rows(host: np.ndarray | None, storage: DiskStorage) -> np.ndarray:
+def host_rows(host: np.ndarray | None, storage: DiskStorage) -> np.ndarray:
     bytes_per_block = storage.geometry.bytes_per_block
     if host is None or host.ndim != 2 or host.dtype != np.uint8:
         raise ValueError(
@@ -240,7 +253,7 @@ class HostToDiskHandler(DiskHandler):
     def __init__(
         self, host: np.ndarray | None, storage: DiskStorage, num_threads: int = DEFAULT_IO_THREADS
     ):
-        self.host = _host_rows(host, storage)
+        self.host = host_rows(host, storage)
         super().__init__(storage, self.host.shape[0], storage.num_slots, num_threads)
 
     def _move_block(self, job: TransferJob, index: int, ready: Any) -> None:
@@ -257,7 +270,7 @@ class DiskToHostHandler(DiskHandler):
     def __init__(
         self, host: np.ndarray | None, storage: DiskStorage, num_threads: int = DEFAULT_IO_THREADS
     ):
-        self.host = _host_rows(host, storage)
+        self.host = host_rows(host, storage)
         super().__init__(storage, storage.num_slots, self.host.shape[0], num_threads)
 
     def _move_block(self, job: TransferJob, index: int, ready: Any) -> None:

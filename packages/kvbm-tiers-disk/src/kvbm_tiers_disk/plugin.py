@@ -8,15 +8,20 @@ disk -> gpu (when it has a GPU pool).
 Knobs read from ``TierContext.options`` (all optional): ``disk_io_threads`` (blocks in flight
 per direction, default 16), ``disk_io_depth`` (cap on I/O syscalls in flight, default none),
 ``disk_index_flush_secs`` (default 5), ``disk_verify_on_open``
-(check each persisted slot's header at start, default true).
+(check each persisted slot's header at start, default true), ``disk_backend`` (host <-> disk
+I/O: ``auto`` = NIXL when importable else threads, ``nixl``, ``threads``; also env
+``KVBM_DISK_BACKEND``; GPU <-> disk always uses threads).
 """
 
 from __future__ import annotations
 
+import logging
+import os
 from collections.abc import Mapping
+from typing import Any
 
 import kvbm_core
-from kvbm_core.config import ConfigError, KvbmConfig
+from kvbm_core.config import ENV_PREFIXES, ConfigError, KvbmConfig
 from kvbm_core.plugins import TierContext, TierSpec
 from kvbm_core.transfer import CPU, DISK, GPU, DevicePool, Storage, TransferHandler
 from kvbm_tiers_disk.handlers import (
@@ -26,9 +31,58 @@ from kvbm_tiers_disk.handlers import (
     GpuToDiskHandler,
     HostToDiskHandler,
 )
+from kvbm_tiers_disk.nixl_handlers import NixlDiskToHostHandler, NixlHostToDiskHandler
+from kvbm_tiers_disk.nixl_io import INSTALL_HINT, load_nixl
 from kvbm_tiers_disk.storage import DiskStorage
 
-__all__ = ["kvbm_tier_specs", "make_storage", "make_handlers"]
+__all__ = [
+    "kvbm_tier_specs",
+    "make_storage",
+    "make_handlers",
+    "tier_option",
+    "disk_backend",
+    "requested_backend",
+]
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "nixl", "threads")
+
+
+def tier_option(ctx: TierContext, name: str, default: Any) -> Any:
+    """``ctx.options[name]``, else ``KVBM_<NAME>`` / ``DYN_KVBM_<NAME>``, else ``default``."""
+    if name in ctx.options:
+        return ctx.options[name]
+    for prefix in ENV_PREFIXES:
+        value = os.environ.get(prefix + name.upper(), "").strip()
+        if value:
+            return value
+    return default
+
+
+def requested_backend(ctx: TierContext) -> str:
+    """``disk_backend`` as set (``auto`` when unset); ``ConfigError`` for an unknown value."""
+    value = tier_option(ctx, "disk_backend", "auto")
+    choice = str(value).strip().lower()
+    if choice not in BACKENDS:
+        raise ConfigError(
+            f"disk_backend / KVBM_DISK_BACKEND={value!r} is invalid: expected one of {', '.join(BACKENDS)}"
+        )
+    return choice
+
+
+def disk_backend(ctx: TierContext) -> str:
+    """``"nixl"`` or ``"threads"``: what moves host <-> disk bytes (``ConfigError`` for an
+    unknown value, or for ``nixl`` asked for where it is not installed)."""
+    choice = requested_backend(ctx)
+    is_available = load_nixl() is not None
+    if choice == "nixl" and not is_available:
+        raise ConfigError(
+            f"disk_backend=nixl but the nixl Python package is not importable; {INSTALL_HINT}"
+        )
+    if choice == "auto":
+        return "nixl" if is_available else "threads"
+    return choice
 
 
 def _option(ctx: TierContext, name: str, default: float, kind: type) -> float:
@@ -45,6 +99,7 @@ def _option(ctx: TierContext, name: str, default: float, kind: type) -> float:
 def make_storage(ctx: TierContext) -> DiskStorage:
     config = ctx.config or KvbmConfig()
     _option(ctx, "disk_io_threads", DEFAULT_IO_THREADS, int)  # fail at start, not at handlers
+    disk_backend(ctx)
     verify = ctx.options.get("disk_verify_on_open", True)
     if not isinstance(verify, bool):
         raise ConfigError(f"tier option disk_verify_on_open={verify!r} is invalid: expected a bool")
@@ -75,11 +130,7 @@ def make_handlers(storages: Mapping[str, Storage], ctx: TierContext) -> list[Tra
     handlers: list[TransferHandler] = []
     host = storages.get(CPU)
     if host is not None:
-        rows = host.host_view()
-        handlers += [
-            HostToDiskHandler(rows, disk, num_threads),
-            DiskToHostHandler(rows, disk, num_threads),
-        ]
+        handlers += _host_handlers(host.host_view(), disk, num_threads, ctx)
     pool = storages.get(GPU)
     if pool is not None:
         if not isinstance(pool, DevicePool):
@@ -89,6 +140,28 @@ def make_handlers(storages: Mapping[str, Storage], ctx: TierContext) -> list[Tra
             DiskToGpuHandler(pool, disk, num_threads),
         ]
     return handlers
+
+
+def _host_handlers(
+    rows: Any, disk: DiskStorage, num_threads: int, ctx: TierContext
+) -> list[TransferHandler]:
+    if disk_backend(ctx) == "nixl":
+        nixl: list[TransferHandler] = []
+        try:
+            nixl.append(NixlHostToDiskHandler(rows, disk, num_threads))
+            nixl.append(NixlDiskToHostHandler(rows, disk, num_threads))
+        except ConfigError:
+            for handler in nixl:
+                handler.close()
+            if requested_backend(ctx) == "nixl":
+                raise  # asked for by name: say why it cannot be
+            log.warning(
+                "kvbm disk tier: NIXL is installed but did not start; using I/O threads",
+                exc_info=True,
+            )
+        else:
+            return nixl
+    return [HostToDiskHandler(rows, disk, num_threads), DiskToHostHandler(rows, disk, num_threads)]
 
 
 @kvbm_core.hookimpl

@@ -12,6 +12,8 @@ Runs in each worker process. Operations (any thread unless said otherwise):
   and never anything else for an I/O or integrity failure; ``is_corrupt`` says the block is
   gone. ``write_slot``/``read_slot`` do the same on a caller's slot buffer (header and payload
   contiguous, one I/O), which is how the GPU handlers avoid a copy through their bounce buffer.
+  ``prepare_write``/``complete_write``, ``verify_read``, ``io_failure`` and
+  ``begin_io``/``end_io`` are their steps, for handlers that do the I/O themselves (NIXL).
 - ``persisted_blocks()``: block hash -> slot that the previous process left on disk, after the
   index file and each listed slot's header were verified (what the leader's index is seeded
   with). ``stored_blocks()``: the same for what the tier holds now.
@@ -290,6 +292,24 @@ class DiskStorage(Storage):
         header and payload go out as one contiguous I/O, which devices serve much faster
         than a separate 4 KiB piece. Returns the payload checksum.
         """
+        checksum = self.prepare_write(slot, block_hash, buffer)
+        io_bytes = self.io_bytes
+        try:
+            with self._in_flight(), self._io_gate:
+                done = os.pwritev(
+                    self._fd, [_as_buffer(buffer[:io_bytes])], self.geometry.offset(slot)
+                )
+        except OSError as exc:
+            raise self.io_failure("write", slot, exc) from None
+        if done != io_bytes:
+            raise self.io_failure("write", slot, OSError(errno.ENOSPC, "short write"))
+        self.complete_write(slot, block_hash, checksum)
+        return checksum
+
+    def prepare_write(self, slot: int, block_hash: int | None, buffer: np.ndarray) -> int:
+        """Put the header of the payload at ``buffer[HEADER_BYTES:]`` in front of it and drop
+        the slot from the index; the payload checksum. Then write ``buffer[:io_bytes]`` at
+        ``geometry.offset(slot)`` and call ``complete_write`` (or ``io_failure``)."""
         self._check_io(slot, block_hash)
         num_bytes = self.geometry.bytes_per_block
         self._forget([slot])  # a half-written slot must never stay listed under its old block
@@ -297,34 +317,39 @@ class DiskStorage(Storage):
         header = SlotHeader(self.fingerprint, slot, block_hash or 0, num_bytes, checksum)
         buffer[:HEADER_BYTES] = 0
         pack_header(header, memoryview(_as_buffer(buffer[:HEADER_BYTES])))
-        io_bytes = self._io_bytes()
-        try:
-            with self._in_flight(), self._io_gate:
-                done = os.pwritev(self._fd, [_as_buffer(buffer[:io_bytes])], self.geometry.offset(slot))
-        except OSError as exc:
-            raise self._io_failure("write", slot, exc) from None
-        if done != io_bytes:
-            raise self._io_failure("write", slot, OSError(errno.ENOSPC, "short write"))
+        return checksum
+
+    def complete_write(self, slot: int, block_hash: int | None, checksum: int) -> None:
+        """Record a slot written in full: list it in the index (when it has a hash), count it."""
         with self._lock:
             if block_hash is not None:
                 self._entries[slot] = (block_hash, checksum)
                 self._is_dirty = True
             self._counters["blocks_written"] += 1
-            self._counters["bytes_written"] += num_bytes
-        return checksum
+            self._counters["bytes_written"] += self.geometry.bytes_per_block
 
     def read_slot(self, slot: int, block_hash: int | None, buffer: np.ndarray) -> np.ndarray:
         """Read ``slot`` into a slot buffer and verify it; the verified payload (a view)."""
         self._check_io(slot, block_hash)
-        num_bytes = self.geometry.bytes_per_block
-        io_bytes = self._io_bytes()
+        io_bytes = self.io_bytes
         try:
             with self._in_flight(), self._io_gate:
-                done = os.preadv(self._fd, [_as_buffer(buffer[:io_bytes])], self.geometry.offset(slot))
+                done = os.preadv(
+                    self._fd, [_as_buffer(buffer[:io_bytes])], self.geometry.offset(slot)
+                )
         except OSError as exc:
-            raise self._io_failure("read", slot, exc) from None
-        if done < HEADER_BYTES + num_bytes:
-            raise self._corrupt(slot, block_hash, f"short read ({done} bytes; file truncated?)")
+            raise self.io_failure("read", slot, exc) from None
+        return self.verify_read(slot, block_hash, buffer, done)
+
+    def verify_read(
+        self, slot: int, block_hash: int | None, buffer: np.ndarray, num_read: int
+    ) -> np.ndarray:
+        """Verify a slot buffer into which ``num_read`` bytes of ``slot`` were read (header:
+        slot, block hash, layout; payload checksum); the verified payload (a view), or
+        ``DiskBlockError(is_corrupt=True)``, counted, logged and dropped from the index."""
+        num_bytes = self.geometry.bytes_per_block
+        if num_read < HEADER_BYTES + num_bytes:
+            raise self._corrupt(slot, block_hash, f"short read ({num_read} bytes; file truncated?)")
         try:
             stored = check_header(
                 buffer[:HEADER_BYTES],
@@ -360,27 +385,41 @@ class DiskStorage(Storage):
             buffer = self._local.slot = self.new_slot_buffer()
         return buffer
 
-    def _io_bytes(self) -> int:
+    @property
+    def io_bytes(self) -> int:
+        """Bytes one slot I/O moves (from the slot's start)."""
         # O_DIRECT moves whole 4 KiB pages; buffered I/O stops at the block's last byte.
         if self.is_o_direct:
             return self.geometry.stride
         return HEADER_BYTES + self.geometry.bytes_per_block
 
-    @contextmanager
-    def _in_flight(self) -> Iterator[None]:
-        """Mark a syscall on the file in progress; ``close`` waits for none to be, so a file
-        descriptor is never closed (and its number reused) under an I/O."""
+    @property
+    def fd(self) -> int:
+        """The slots file's descriptor; I/O on it goes between ``begin_io`` and ``end_io``."""
+        return self._fd
+
+    def begin_io(self) -> None:
+        """Mark an I/O on the file in progress (``DiskBlockError`` once closed); ``close``
+        waits until every one has ended, so a file descriptor is never closed (and its
+        number reused) under an I/O."""
         with self._lock:
             if self._is_closed:
                 raise DiskBlockError(f"disk tier {self.path} is closed")
             self._num_in_flight += 1
+
+    def end_io(self) -> None:
+        with self._lock:
+            self._num_in_flight -= 1
+            if not self._num_in_flight:
+                self._idle.notify_all()
+
+    @contextmanager
+    def _in_flight(self) -> Iterator[None]:
+        self.begin_io()
         try:
             yield
         finally:
-            with self._lock:
-                self._num_in_flight -= 1
-                if not self._num_in_flight:
-                    self._idle.notify_all()
+            self.end_io()
 
     def _check_io(self, slot: int, block_hash: int | None) -> None:
         if self._is_closed:
@@ -396,7 +435,9 @@ class DiskStorage(Storage):
             buffer = self._local.header = aligned_array(HEADER_BYTES)
         return buffer
 
-    def _io_failure(self, op: str, slot: int, exc: OSError) -> DiskBlockError:
+    def io_failure(self, op: str, slot: int, exc: OSError) -> DiskBlockError:
+        """Count, log (once per errno) and describe a failed I/O of ``slot``; a failed read's
+        block is reported as gone (``is_corrupt``)."""
         self._count("io_errors")
         self._count(f"{op}_failures")
         if exc.errno == errno.ENOSPC:
