@@ -370,7 +370,7 @@ def run_once(
                 # Only a throw-away disk directory may have its slots overwritten by the probe.
                 outcome.transfer_rates = probe_transfers(executor.worker, with_disk=temp_dir is not None)
         finally:
-            _shutdown(executor)
+            executor.close()
         return outcome
     finally:
         if temp_dir is not None:
@@ -441,13 +441,6 @@ def probe_transfers(
         else:
             rates[key] = {"blocks": n, "bytes": num_bytes, "seconds": best, "gb_per_s": num_bytes / best / 1e9}
     return rates
-
-
-def _shutdown(executor: Any) -> None:
-    for part in (executor.scheduler, executor.worker):
-        close = getattr(part, "shutdown", None)
-        if callable(close):
-            close()
 
 
 def _connector_classes(with_kvbm: bool) -> tuple[type, type]:

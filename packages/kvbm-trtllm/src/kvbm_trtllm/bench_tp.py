@@ -10,12 +10,8 @@ it raises :class:`~kvbm_trtllm.bench.BenchError` when a binary is missing.
 from __future__ import annotations
 
 import contextlib
-import multiprocessing as mp
-import queue
 import shutil
 import tempfile
-import time
-import traceback
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -24,6 +20,7 @@ from typing import Any
 from kvbm_discovery.local_servers import EtcdServer, NatsServer, find_binary
 
 __all__ = ["run_tp_bench", "local_services"]
+
 
 @contextlib.contextmanager
 def local_services() -> Iterator[tuple[str, str]]:
@@ -47,78 +44,29 @@ def local_services() -> Iterator[tuple[str, str]]:
         shutil.rmtree(base, ignore_errors=True)
 
 
-def _rank_main(rank: int, tp: int, port: int, args: tuple[Any, ...], results: Any) -> None:
-    import torch
-    import torch.distributed as dist
+def _leader_stats(executor: Any) -> Any:
+    from kvbm_trtllm.bench import leader_stats
 
-    from kvbm_trtllm.bench import RunOutcome, leader_stats
-    from kvbm_trtllm.executor import Executor
-    from kvbm_trtllm.executor.distributed import init_process_group
-
-    workload, model_config, pool_config, connector, llm_args, max_batch_size = args
-    try:
-        torch.set_num_threads(max(1, torch.get_num_threads() // tp))
-        on_gpu = model_config.device.startswith("cuda")
-        comm = init_process_group(rank, tp, port, "nccl" if on_gpu else "gloo")
-        device = f"cuda:{rank}" if on_gpu else "cpu"
-        started = time.perf_counter()
-        executor = Executor(model_config, pool_config, connector, llm_args=llm_args, comm=comm,
-                            device=device, max_batch_size=max_batch_size)
-        try:
-            result = executor.run(workload)
-            outcome = RunOutcome(result, time.perf_counter() - started)
-            comm.barrier()
-            if rank == 0 and hasattr(executor.scheduler, "stats"):
-                outcome.stats, outcome.latencies = leader_stats(executor.scheduler)
-        finally:
-            for part in (executor.scheduler, executor.worker):
-                if callable(getattr(part, "shutdown", None)):
-                    part.shutdown()
-        results.put((rank, "ok", outcome if rank == 0 else None))
-    except BaseException:
-        results.put((rank, "error", traceback.format_exc()))
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    return leader_stats(executor.scheduler) if hasattr(executor.scheduler, "stats") else None
 
 
 def run_tp_bench(options, workload, model_config, pool_config, connector, llm_args):
-    from kvbm_trtllm.executor.distributed import free_port
+    from kvbm_trtllm.bench import RunOutcome
+    from kvbm_trtllm.executor import run_tp
 
+    # The progress callback cannot follow the ranks into their processes.
     extra = {k: v for k, v in llm_args.extra.items() if k != "bench_on_request_finished"}
     with contextlib.ExitStack() as stack:
         if "kvbm" in extra:
             etcd, nats = stack.enter_context(local_services())
             extra["kvbm"] = {**extra["kvbm"], "discovery": "etcd", "etcd_endpoints": etcd, "nats_url": nats}
-        llm_args = replace(llm_args, extra=extra)
-        ctx = mp.get_context("spawn")
-        results = ctx.Queue()
-        port = free_port()
-        args = (workload, model_config, pool_config, connector, llm_args, max(8, int(options.sessions)))
-        procs = [ctx.Process(target=_rank_main, args=(rank, options.tp, port, args, results))
-                 for rank in range(options.tp)]
-        for proc in procs:
-            proc.start()
-        outcomes: dict[int, tuple[str, Any]] = {}
-        try:
-            while len(outcomes) < options.tp:
-                try:
-                    rank, status, payload = results.get(timeout=900)
-                except queue.Empty:
-                    raise RuntimeError("TP bench: a rank gave no answer in 900 s") from None
-                outcomes[rank] = (status, payload)
-                if status == "error":
-                    break
-        finally:
-            for proc in procs:
-                proc.join(timeout=60 if len(outcomes) == options.tp else 5)
-                if proc.is_alive():
-                    proc.terminate()
-                    proc.join()
-    errors = {rank: tb for rank, (status, tb) in outcomes.items() if status == "error"}
-    if errors:
-        rank, tb = min(errors.items())
-        raise RuntimeError(f"TP bench failed on rank {rank}:\n{tb}")
-    outcome = outcomes[0][1]
+        result = run_tp(
+            options.tp, workload, model_config, pool_config, connector,
+            llm_args=replace(llm_args, extra=extra), max_batch_size=max(8, int(options.sessions)),
+            timeout_s=900, on_rank0=_leader_stats,
+        )
+    outcome = RunOutcome(result, result.wall_s)
+    if result.rank0_extra is not None:
+        outcome.stats, outcome.latencies = result.rank0_extra
     outcome.kvbm_config = extra.get("kvbm")
     return outcome

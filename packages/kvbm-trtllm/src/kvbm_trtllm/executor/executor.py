@@ -185,6 +185,13 @@ class Executor:
             self.worker.register_kv_caches(self.pool.tensor)
         self._salt = salt_hash(model_config.name)
 
+    def close(self) -> None:
+        """Shut down the connector's parts that have a ``shutdown()`` (engines do so at exit)."""
+        for part in (self.scheduler, self.worker):
+            shutdown = getattr(part, "shutdown", None)
+            if callable(shutdown):
+                shutdown()
+
     @property
     def tokens_per_block(self) -> int:
         return self.pool_config.tokens_per_block

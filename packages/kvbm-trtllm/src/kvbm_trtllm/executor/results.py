@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import statistics
 from dataclasses import dataclass, field
+from typing import Any
 
 __all__ = ["RequestResult", "IterationStats", "RunResult"]
 
@@ -59,6 +60,7 @@ class RunResult:
     iterations: list[IterationStats] = field(default_factory=list)
     wall_s: float = 0.0
     num_evicted_blocks: int = 0
+    rank0_extra: Any = None  # what run_tp's on_rank0 returned
 
     @property
     def outputs(self) -> dict[int, tuple[int, ...]]:

@@ -6,7 +6,9 @@ CPU model, NCCL with one GPU per rank for a CUDA model), runs the same ``Executo
 rank (each with its head shard of weights and pool; the connector scheduler on rank 0 only)
 and returns rank 0's ``RunResult``. A rank that fails raises ``RuntimeError`` here with that
 rank's traceback. Connector classes must be importable by the child processes (they are
-pickled by reference; children inherit the parent's ``sys.path``).
+pickled by reference; children inherit the parent's ``sys.path``). ``on_rank0(executor)``, a
+module-level function, runs on rank 0 after the run while the connector is still up; its
+return value comes back as ``RunResult.rank0_extra``. Every rank closes its executor.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from __future__ import annotations
 import multiprocessing as mp
 import queue
 import traceback
+from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from kvbm_trtllm.executor.distributed import free_port, init_process_group
@@ -38,7 +42,7 @@ def _rank_main(
 
     from kvbm_trtllm.executor.executor import Executor
 
-    workload, model_config, pool_config, connector = args
+    workload, model_config, pool_config, connector, on_rank0 = args
     try:
         torch.set_num_threads(max(1, torch.get_num_threads() // tp_size))
         on_gpu = model_config.device.startswith("cuda")
@@ -47,8 +51,13 @@ def _rank_main(
         executor = Executor(
             model_config, pool_config, connector, comm=comm, device=device, **kwargs
         )
-        result = executor.run(workload)
-        comm.barrier()
+        try:
+            result = executor.run(workload)
+            comm.barrier()
+            if rank == 0 and on_rank0 is not None:
+                result = replace(result, rank0_extra=on_rank0(executor))
+        finally:
+            executor.close()
         results.put((rank, "ok", result if rank == 0 else None))
     except BaseException:
         results.put((rank, "error", traceback.format_exc()))
@@ -65,6 +74,7 @@ def run_tp(
     connector: Any = None,
     *,
     timeout_s: float = 600.0,
+    on_rank0: Callable[[Any], Any] | None = None,
     **executor_kwargs: Any,
 ) -> RunResult:
     if tp_size < 1:
@@ -77,7 +87,7 @@ def run_tp(
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
-    args = (workload, model_config, pool_config, connector)
+    args = (workload, model_config, pool_config, connector, on_rank0)
     procs = [
         ctx.Process(target=_rank_main, args=(rank, tp_size, port, args, executor_kwargs, results))
         for rank in range(tp_size)
