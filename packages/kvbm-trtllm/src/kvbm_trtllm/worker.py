@@ -180,6 +180,9 @@ class KvbmWorkerCore:
         with self._lock:
             self._saving.update(finished_gen_req_ids)
             self._loading.update(started_loading_req_ids)
+            # A request that ended while loading (cancelled) is reported once, as saved, when
+            # the copy into its blocks is done: never a second time as loaded.
+            self._loading -= self._saving
             done_saving = [r for r in self._saving if not self._gpu_jobs.get(r)]
             done_loading = [r for r in self._loading if not self._load_jobs.get(r)]
             if not self.is_recovery_supported:
