@@ -1,0 +1,89 @@
+"""The connector's leader and worker cores, without an engine: start-up handshake and sizing.
+
+Runs the real in-process discovery and the real cpu tier plugin (a CPU tensor stands in for
+the GPU pool, which CI machines do not have).
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+
+import pytest
+import torch
+
+from kvbm_core.config import KvbmConfig
+from kvbm_core.plugins import get_plugin_manager, load_discovery_backend
+from kvbm_trtllm.leader import KvbmLeaderCore
+from kvbm_trtllm.worker import KvbmWorkerCore, WorkerSetup, layout_from_pool
+
+_namespaces = itertools.count()
+
+
+def services(config):
+    return load_discovery_backend(get_plugin_manager(), config.discovery).make(config)
+
+
+def config(**values):
+    return KvbmConfig.from_mapping(
+        {"namespace": f"lw{next(_namespaces)}", "leader_worker_init_timeout_secs": 5, **values}
+    )
+
+
+def test_tier_sizes_count_every_rank_bytes_and_reach_every_worker():
+    cfg = config(cpu_cache_gb=0.001)  # 1e6 bytes over the whole deployment
+    leader = KvbmLeaderCore(cfg, services(cfg), world_size=2, block_size=16, model_id="m")
+    leader.start()
+    pools = [torch.zeros(8, 2, 2, 16 * 16 * 2) for _ in range(2)]  # 4 KiB per block per rank
+    workers = [KvbmWorkerCore(cfg, WorkerSetup(rank, 2, 16), services(cfg)) for rank in range(2)]
+    threads = [
+        threading.Thread(target=w.register_kv_caches, args=([p], layout_from_pool(p, 16, None)))
+        for w, p in zip(workers, pools, strict=True)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    manager = leader.wait_ready(10)
+    bytes_per_block = pools[0][0].numel() * 4 * 2
+    assert manager.indexes["cpu"].num_slots == int(1e6 // bytes_per_block)
+    for worker in workers:
+        assert worker.storages["cpu"].num_slots == manager.indexes["cpu"].num_slots
+        worker.close()
+    leader.close()
+
+
+def test_leader_names_the_missing_workers_when_they_never_come():
+    cfg = config(cpu_cache_override_num_blocks=4, leader_worker_init_timeout_secs=0.5)
+    leader = KvbmLeaderCore(cfg, services(cfg), world_size=2, block_size=16, model_id="m")
+    leader.start()
+    with pytest.raises(RuntimeError, match="worker-0"):
+        leader.wait_ready(5)
+    leader.close()
+
+
+def test_worker_says_what_it_waited_for_without_a_leader():
+    cfg = config(cpu_cache_override_num_blocks=4, leader_worker_init_timeout_secs=0.3)
+    worker = KvbmWorkerCore(cfg, WorkerSetup(0, 1, 16), services(cfg))
+    pool = torch.zeros(4, 1, 2, 16 * 4)
+    with pytest.raises(TimeoutError, match="TierSizes"):
+        worker.register_kv_caches([pool], layout_from_pool(pool, 16, None))
+
+
+def test_salt_separates_models_adapters_and_tenants():
+    cfg = config(cpu_cache_override_num_blocks=4)
+
+    class Request:
+        def __init__(self, lora_name=None, cache_salt=None):
+            self.lora_name, self.cache_salt = lora_name, cache_salt
+
+    a = KvbmLeaderCore(cfg, services(cfg), 1, 16, "model-a")
+    b = KvbmLeaderCore(cfg, services(cfg), 1, 16, "model-b")
+    salts = {
+        a.salt_for(Request()),
+        b.salt_for(Request()),
+        a.salt_for(Request(lora_name="x")),
+        a.salt_for(Request(cache_salt="tenant-1")),
+    }
+    assert len(salts) == 4
+    assert a.salt_for(Request()) == a.salt_for(Request())
