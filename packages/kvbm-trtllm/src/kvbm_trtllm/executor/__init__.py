@@ -10,12 +10,12 @@ calls a KV cache connector exactly as PyExecutor does (see ``executor.py``). Use
     )
 """
 
-from kvbm_trtllm.executor.executor import (
+from kvbm_trtllm.executor.connector import (
     ConnectorContractError,
     ConnectorSpec,
-    Executor,
     resolve_connector,
 )
+from kvbm_trtllm.executor.executor import Executor
 from kvbm_trtllm.executor.model import ModelConfig, ReferenceModel, SequenceChunk
 from kvbm_trtllm.executor.null_connector import (
     NULL_CONNECTOR,

@@ -32,24 +32,30 @@ pool (the connector writes them); only the rest of the prompt is computed. ``str
 
 from __future__ import annotations
 
-import importlib
 import pickle
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
-from enum import Enum
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
 from kvbm_core.hashing import block_hashes, salt_hash
+from kvbm_trtllm.executor.connector import (
+    ConnectorContractError,
+    ConnectorSpec,
+    build_connector,
+    check_finished,
+    check_matched_tokens,
+    resolve_connector,
+)
 from kvbm_trtllm.executor.distributed import Comm, LocalComm
 from kvbm_trtllm.executor.model import ModelConfig, ReferenceModel, SequenceChunk
 from kvbm_trtllm.executor.pool import BlockPool, PoolConfig
+from kvbm_trtllm.executor.request_state import _Request, _State
 from kvbm_trtllm.executor.results import IterationStats, RequestResult, RunResult
-from kvbm_trtllm.executor.workloads import RequestSpec, Workload
+from kvbm_trtllm.executor.workloads import Workload
 from kvbm_trtllm.trtllm_api import (
     KvCacheConfigLike,
     KvCacheConnectorConfigLike,
@@ -61,70 +67,8 @@ from kvbm_trtllm.trtllm_api import (
 
 __all__ = ["Executor", "ConnectorContractError", "ConnectorSpec", "resolve_connector"]
 
-ConnectorSpec = tuple[type, type] | KvCacheConnectorConfigLike
-"""``(scheduler_cls, worker_cls)`` or TensorRT-LLM's three import strings."""
-
-
-class ConnectorContractError(RuntimeError):
-    """The connector returned something TensorRT-LLM would reject."""
-
-
-def resolve_connector(spec: ConnectorSpec) -> tuple[type, type]:
-    if isinstance(spec, KvCacheConnectorConfigLike):
-        module = importlib.import_module(spec.connector_module)
-        return getattr(module, spec.connector_scheduler_class), getattr(
-            module, spec.connector_worker_class
-        )
-    if isinstance(spec, tuple) and len(spec) == 2:
-        return spec
-    raise TypeError(
-        f"connector must be (scheduler_cls, worker_cls) or KvCacheConnectorConfigLike, got {spec!r}"
-    )
-
-
-class _State(Enum):
-    LOADING = "loading"  # parked: async connector load in flight
-    CONTEXT = "context"
-    GENERATION = "generation"
-    SAVING = "saving"  # finished; blocks held for the connector
-    DONE = "done"
-
-
-@dataclass
-class _Request:
-    spec: RequestSpec
-    llm: LlmRequestLike
-    hashes: list[int]
-    arrival_s: float
-    arrival_iteration: int
-    state: _State = _State.CONTEXT
-    block_ids: list[int] = field(default_factory=list)
-    num_computed: int = 0  # positions whose KV is in the pool
-    device_tokens: list[int] = field(default_factory=list)  # prompt + every sampled token
-    num_device_hit: int = 0
-    num_connector_hit: int = 0
-    is_async_load: bool = False
-    admitted_iteration: int = -1
-    num_reported_tokens: int = 0
-    num_reported_blocks: int = 0
-    is_reported: bool = False
-    num_committed_blocks: int = 0
-    first_token_s: float | None = None
-    first_token_iteration: int = -1
-    finish_s: float = 0.0
-    finished_iteration: int = -1
-
-    @property
-    def request_id(self) -> int:
-        return self.spec.request_id
-
-    @property
-    def prompt_len(self) -> int:
-        return self.llm.prompt_len
-
-    @property
-    def num_generated(self) -> int:
-        return self.llm.get_num_tokens() - self.prompt_len
+# ConnectorContractError, ConnectorSpec and resolve_connector live in connector.py; they stay
+# importable from here, where they were first defined.
 
 
 @dataclass
@@ -167,7 +111,7 @@ class Executor:
         self.rank = self.comm.rank
         self.tp_size = self.comm.world_size
         self.llm_args = self._llm_args(llm_args, connector)
-        self.scheduler, self.worker = self._build_connector(connector)
+        self.scheduler, self.worker = build_connector(connector, self.llm_args, self.rank)
         self._forward_callable: Callable[[], Any] | None = None
         self.num_load_error_tokens = 0
         if self.worker is not None:
@@ -232,18 +176,6 @@ class Executor:
             "dtype": c.dtype,
         }
         return replace(args, extra={**model_facts, **args.extra})
-
-    def _build_connector(self, spec: ConnectorSpec | None) -> tuple[Any, Any]:
-        if spec is None:
-            return None, None
-        scheduler_cls, worker_cls = resolve_connector(spec)
-        # Concurrent, as TensorRT-LLM does, so the two may handshake while being built.
-        with ThreadPoolExecutor(max_workers=2) as pool:
-            worker_future = pool.submit(worker_cls, self.llm_args)
-            scheduler_future = pool.submit(scheduler_cls, self.llm_args) if self.rank == 0 else None
-            worker = worker_future.result()
-            scheduler = scheduler_future.result() if scheduler_future is not None else None
-        return scheduler, worker
 
     # ---- run -------------------------------------------------------------------------------
 
@@ -441,26 +373,7 @@ class Executor:
         if self.scheduler is None:
             return 0, False
         result = self.scheduler.get_num_new_matched_tokens(req.llm, device_hit)
-        try:
-            n, is_async = result
-            n, is_async = int(n), bool(is_async)
-        except (TypeError, ValueError):
-            raise ConnectorContractError(
-                f"get_num_new_matched_tokens must return (int, bool), got {result!r}"
-            ) from None
-        if n < 0:
-            raise ConnectorContractError(f"request {req.request_id}: negative matched tokens {n}")
-        if n == 0 and is_async:
-            raise ConnectorContractError(
-                f"request {req.request_id}: get_num_new_matched_tokens returned (0, True); an "
-                f"async load needs at least one token (TensorRT-LLM raises RuntimeError too)"
-            )
-        if device_hit + n >= req.prompt_len:
-            raise ConnectorContractError(
-                f"request {req.request_id}: {device_hit} device-reused + {n} connector tokens "
-                f">= prompt length {req.prompt_len}; at least one prompt token must be left to compute"
-            )
-        return n, is_async
+        return check_matched_tokens(result, req.request_id, device_hit, req.prompt_len)
 
     def _admit(self, req: _Request, matched: list[int], n: int, is_async: bool) -> None:
         num_prompt_blocks = -(-req.prompt_len // self.tokens_per_block)
@@ -642,13 +555,9 @@ class Executor:
         self._new_saving_ids, self._new_loading_ids = [], []
         for rid in saving_ids + loading_ids:
             self._pending_done[rid] = set()
-        result = self.worker.get_finished(saving_ids, loading_ids)
-        try:
-            done_saving, done_loading = (list(x) for x in result)
-        except (TypeError, ValueError):
-            raise ConnectorContractError(
-                f"get_finished must return (finished_saving_ids, finished_loading_ids), got {result!r}"
-            ) from None
+        done_saving, done_loading = check_finished(
+            self.worker.get_finished(saving_ids, loading_ids)
+        )
         self._check_finished_ids(done_saving, _State.SAVING)
         self._check_finished_ids(done_loading, _State.LOADING)
         reports = self.comm.all_gather_object((done_saving, done_loading))
