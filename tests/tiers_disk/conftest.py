@@ -86,3 +86,11 @@ def rows_of():
 @pytest.fixture
 def layouts() -> dict[str, KvLayout]:
     return dict(LAYOUTS, aligned_separate=ALIGNED_SEPARATE, small_separate=SMALL_SEPARATE)
+
+
+@pytest.fixture
+def host(make_host, storage, rows_of):
+    """Twelve host rows of random blocks in the storage's layout (the "cpu" tier's view)."""
+    rows = make_host(storage.layout, 12)
+    rows.rows[:] = rows_of(12, storage.layout.bytes_per_block, seed=3)
+    return rows

@@ -49,13 +49,6 @@ def _run(handler, jobs, ready=None):
 
 
 @pytest.fixture
-def host(make_host, storage, rows_of):
-    rows = make_host(storage.layout, 12)
-    rows.rows[:] = rows_of(12, storage.layout.bytes_per_block, seed=3)
-    return rows
-
-
-@pytest.fixture
 def host_pair(host, storage):
     up = HostToDiskHandler(host.host_view(), storage, num_threads=4)
     down = DiskToHostHandler(host.host_view(), storage, num_threads=4)

@@ -66,13 +66,6 @@ def _fd_swapped(storage: DiskStorage, flags: int) -> Iterator[None]:
 
 
 @pytest.fixture
-def host(make_host, storage, rows_of):
-    rows = make_host(storage.layout, 12)
-    rows.rows[:] = rows_of(12, storage.layout.bytes_per_block, seed=5)
-    return rows
-
-
-@pytest.fixture
 def nixl_pair(host, storage):
     # 3 staging slots: jobs of 12 blocks queue and go out in several requests.
     up = NixlHostToDiskHandler(host.host_view(), storage, num_staging_slots=3)

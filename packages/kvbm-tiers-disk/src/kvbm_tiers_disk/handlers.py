@@ -333,11 +333,13 @@ def _byte_rows(tensor: Any, row_bytes: int) -> Any:
 
 
 class _GpuDiskHandler(DiskHandler):
-    def __init__(self, pool: DevicePool, storage: DiskStorage, num_threads: int, *, to_disk: bool):
+    def __init__(
+        self, pool: DevicePool, storage: DiskStorage, num_threads: int = DEFAULT_IO_THREADS
+    ):
         self.rows = PoolRows(pool, storage.geometry.bytes_per_block)
         self._local = threading.local()
         num_src, num_dst = (pool.num_slots, storage.num_slots)
-        if not to_disk:
+        if self.dst_medium != DISK:
             num_src, num_dst = num_dst, num_src
         super().__init__(storage, num_src, num_dst, num_threads)
 
@@ -381,11 +383,6 @@ class GpuToDiskHandler(_GpuDiskHandler):
     src_medium = GPU
     dst_medium = DISK
 
-    def __init__(
-        self, pool: DevicePool, storage: DiskStorage, num_threads: int = DEFAULT_IO_THREADS
-    ):
-        super().__init__(pool, storage, num_threads, to_disk=True)
-
     def _move_block(self, job: TransferJob, index: int, ready: Any) -> None:
         payload, buffer = self._staging()
         self._run_copies(ready, lambda: self.rows.gather(job.src_ids[index], payload))
@@ -395,11 +392,6 @@ class GpuToDiskHandler(_GpuDiskHandler):
 class DiskToGpuHandler(_GpuDiskHandler):
     src_medium = DISK
     dst_medium = GPU
-
-    def __init__(
-        self, pool: DevicePool, storage: DiskStorage, num_threads: int = DEFAULT_IO_THREADS
-    ):
-        super().__init__(pool, storage, num_threads, to_disk=False)
 
     def _move_block(self, job: TransferJob, index: int, ready: Any) -> None:
         payload, buffer = self._staging()
