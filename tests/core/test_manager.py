@@ -195,9 +195,14 @@ class Workers:
         self.tiers = {"cpu": {}, "disk": {}}
         self.gpu = {}
         self.in_flight = []
+        self.chained = {}
 
     def submit(self, plan):
-        self.in_flight.extend(plan.jobs)
+        for job in plan.jobs:
+            if job.after_job_id is None:
+                self.in_flight.append(job)
+            else:  # a worker starts a chained job only once the job it follows succeeded
+                self.chained.setdefault(job.after_job_id, []).append(job)
 
     def complete_some(self, everything=False):
         self.rng.shuffle(self.in_flight)
@@ -205,6 +210,11 @@ class Workers:
         done, self.in_flight = self.in_flight[:count], self.in_flight[count:]
         for job in done:
             ok = self.rng.random() >= self.failure_rate
+            for chained in self.chained.pop(job.job_id, []):
+                if ok:
+                    self.in_flight.append(chained)
+                else:
+                    self.manager.apply_results(0, [JobResult(chained.job_id, False)])
             if ok:
                 src = self.gpu if job.src == "gpu" else self.tiers[job.src]
                 dst = self.gpu if job.dst == "gpu" else self.tiers[job.dst]

@@ -5,8 +5,10 @@ Runs in the leader process only; it holds no KV bytes. One ``TierIndex`` per tie
 Operations:
 - ``match_prefix(hashes)``: how many leading hashes are readable here.
 - ``slot_of(hash)``: the slot of a readable block, or ``None``.
-- ``pin(hashes)`` / ``unpin(slots)``: a read in flight holds its blocks; pinned blocks are never
-  evicted and their slots never rewritten. Pins count, so several readers may share a block.
+- ``pin(hashes, allow_pending=False)`` / ``unpin(slots)``: a read in flight holds its blocks;
+  pinned blocks are never evicted and their slots never rewritten. Pins count, so several
+  readers may share a block. ``allow_pending`` pins blocks still being written, for a copy
+  chained behind their store; if that store fails, the slot is freed at the last unpin.
 - ``prepare_store(hashes, priorities)``: allocate slots for the hashes not held yet, evicting
   readable unpinned blocks by (lowest priority, least recently released). New blocks are
   *pending*: neither matchable nor evictable until ``complete_store``. Returns ``None`` when
@@ -103,12 +105,12 @@ class TierIndex:
 
     # ---- reads -----------------------------------------------------------------------------
 
-    def pin(self, block_hashes: Iterable[int]) -> list[int]:
+    def pin(self, block_hashes: Iterable[int], allow_pending: bool = False) -> list[int]:
         """Pin readable blocks for a read; returns their slots. Raises ``KeyError`` if one is not readable."""
         block_hashes = list(block_hashes)
         entries = [self._by_hash.get(h) for h in block_hashes]
         for block_hash, entry in zip(block_hashes, entries, strict=True):
-            if entry is None or not entry.is_ready:
+            if entry is None or not (entry.is_ready or allow_pending):
                 raise KeyError(f"tier {self.name!r}: block {block_hash:#x} is not readable")
         for entry in entries:
             assert entry is not None
@@ -242,6 +244,11 @@ class TierIndex:
 
     def _fail(self, entry: _Entry) -> None:
         failures = self._slot_failures[entry.slot] = self._slot_failures.get(entry.slot, 0) + 1
+        if entry.num_pins:
+            # A chained copy still holds the slot: it is freed when that copy unpins it.
+            del self._by_hash[entry.block_hash]
+            entry.is_removed = True
+            return
         if failures < MAX_SLOT_FAILURES:
             self._drop(entry)
             return

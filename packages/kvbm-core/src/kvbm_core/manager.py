@@ -23,9 +23,18 @@ Operations, in the order an engine calls them:
   readable only after every rank wrote it; a failure on any rank rolls the store back or
   drops the loaded blocks, and corrupt blocks leave the index.
 - ``cancel(request_id)``: forget a request that never ran (unpins its reads).
+- ``take_load_outcomes()``: what became of loads that failed (see below).
 
-Host blocks that become readable are copied on to disk when the admission policy admits them
-(sighted twice by default: stored, then hit), so hot prefixes survive a restart.
+Blocks stored to the host are copied on to disk when the admission policy admits them (sighted
+twice by default: stored, then hit), so hot prefixes survive a restart. An admitted block's
+host -> disk copy is planned with its GPU -> host store, chained behind it (``after_job_id``):
+it reaches the disk without waiting for another engine call.
+
+A failed load never counts as loaded. When a request's load job fails on some rank, its
+blocks are looked up again (a corrupt block has left its tier by then); if every block is held
+somewhere and the request has not been retried yet, a retry is planned for the ranks that
+failed. Otherwise the request's loads end in a :class:`LoadOutcome` naming the first token
+whose KV did not arrive: the engine must recompute from there, or fail the request.
 """
 
 from __future__ import annotations
@@ -42,7 +51,9 @@ from kvbm_core.index import TierIndex
 from kvbm_core.metrics import KvbmStats
 from kvbm_core.transfer import CPU, DISK, GPU, JobResult, TransferJob
 
-__all__ = ["BlockManager", "IterationPlan", "Match", "TierSlots"]
+__all__ = ["BlockManager", "IterationPlan", "LoadOutcome", "Match", "TierSlots"]
+
+MAX_LOAD_RETRIES = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,10 +87,23 @@ class IterationPlan:
     load_job_ids: dict[int, tuple[int, ...]] = field(default_factory=dict)
     gpu_job_ids: dict[int, tuple[int, ...]] = field(default_factory=dict)
     sync_request_ids: tuple[int, ...] = ()
+    failed_load_request_ids: tuple[int, ...] = ()
 
     @property
     def is_empty(self) -> bool:
-        return not self.jobs
+        return not self.jobs and not self.failed_load_request_ids
+
+
+@dataclass(frozen=True, slots=True)
+class LoadOutcome:
+    """A request whose loads failed: either ``retry_jobs`` for the ``retry_ranks`` that failed
+    (send them; the request's loads are pending again), or, with no retry left,
+    ``recompute_from_token``: the first prompt position whose KV did not arrive."""
+
+    request_id: int
+    retry_jobs: tuple[TransferJob, ...] = ()
+    retry_ranks: tuple[int, ...] = ()
+    recompute_from_token: int | None = None
 
 
 @dataclass(slots=True)
@@ -96,6 +120,9 @@ class _Request:
     pending_job_ids: set[int] = field(default_factory=set)
     is_finished: bool = False
     is_sync_load: bool = False
+    num_pending_loads: int = 0
+    load_failed_at_block: int | None = None
+    num_load_retries: int = 0
 
 
 @dataclass(slots=True)
@@ -113,6 +140,8 @@ class _JobRecord:
     ok: bool = True
     errors: list[str] = field(default_factory=list)
     bad_hashes: set[int] = field(default_factory=set)
+    failed_ranks: set[int] = field(default_factory=set)
+    first_block: int = 0
 
 
 class BlockManager:
@@ -147,6 +176,8 @@ class BlockManager:
         self._job_ids = itertools.count(1)
         self._iterations = itertools.count(0)
         self._pending_events: list[KvEvent] = []
+        self._load_outcomes: list[LoadOutcome] = []
+        self._failed_loads: list[int] = []
 
     # ---- lookup and loads ------------------------------------------------------------------
 
@@ -227,17 +258,31 @@ class BlockManager:
         sources = request.load_sources
         for index, group in itertools.groupby(sources, key=lambda s: s[0]):
             slots = tuple(slot for _, slot in group)
-            gpu_ids = tuple(block_ids[position : position + len(slots)])
-            hashes = tuple(request.hashes[position : position + len(slots)])
-            job = TransferJob(next(self._job_ids), self._media[index.name], GPU, slots, gpu_ids, hashes)
-            self._record(job, request, src_index=index, src_slots=slots)
-            jobs.append(job)
+            jobs.append(self._load_job(request, index, slots, position))
             position += len(slots)
         request.load_sources = []
         self._queued.extend(jobs)
         if request.is_sync_load and jobs:
             self._queued_sync.append(request_id)
         return jobs
+
+    def _load_job(
+        self,
+        request: _Request,
+        index: TierIndex,
+        slots: tuple[int, ...],
+        first_block: int,
+        ranks: Iterable[int] | None = None,
+    ) -> TransferJob:
+        end = first_block + len(slots)
+        job = TransferJob(
+            next(self._job_ids), self._media[index.name], GPU, slots,
+            tuple(request.block_ids[first_block:end]), tuple(request.hashes[first_block:end]),
+        )
+        self._record(job, request, src_index=index, src_slots=slots, ranks=ranks)
+        self._jobs[job.job_id].first_block = first_block
+        request.num_pending_loads += 1
+        return job
 
     # ---- stores ----------------------------------------------------------------------------
 
@@ -254,12 +299,15 @@ class BlockManager:
         """Record a scheduled request's deltas and queue stores for blocks it completes.
 
         ``is_new`` marks the request's first report, which carries its whole prompt and every
-        block allocated for it (the lookup already saw the prompt).
+        block allocated for it (the lookup already saw the prompt). ``salt`` is needed only
+        for a request ``lookup`` never saw; without one such a request is not stored.
         """
         request = self._requests.get(request_id)
         if request is None:
-            # A request kvbm never looked up (e.g. the engine skipped the lookup): track it from here.
-            request = _Request(request_id, 0 if salt is None else salt, [])
+            if salt is None:
+                return  # its identity is unknown: storing it could serve it to another tenant
+            # A request kvbm never looked up (e.g. block reuse off): track it from here.
+            request = _Request(request_id, salt, [])
             self._requests[request_id] = request
         if is_new:
             request.token_ids = list(new_tokens)
@@ -324,19 +372,29 @@ class BlockManager:
             parent = request.hashes[blocks[0] - 1] if blocks[0] else None
         self._record(job, request, dst_index=index, token_blocks=token_blocks, parent_hash=parent)
         self._queued.append(job)
+        if index is self.host and self.disk is not None:
+            disk = self.disk
+            admitted = [
+                h for h in allocation.block_hashes if h not in disk and self.admission.should_admit(h)
+            ]
+            if admitted:
+                self._queue_host_to_disk(admitted, after=job)
 
-    def _queue_host_to_disk(self, hashes: Sequence[int]) -> None:
+    def _queue_host_to_disk(self, hashes: Sequence[int], after: TransferJob | None = None) -> None:
+        """Copy host blocks to disk: readable ones now, or ones ``after`` is still storing."""
         assert self.host is not None and self.disk is not None
-        hashes = [h for h in hashes if self.host.is_readable(h)]
+        if after is None:
+            hashes = [h for h in hashes if self.host.is_readable(h)]
         allocation = self.disk.prepare_store(hashes) if hashes else None
         if allocation is None:
             return
         self._note_evicted(self.disk, allocation.evicted_hashes)
         if not allocation.block_hashes:
             return
-        src_slots = tuple(self.host.pin(allocation.block_hashes))
+        src_slots = tuple(self.host.pin(allocation.block_hashes, allow_pending=after is not None))
         job = TransferJob(
-            next(self._job_ids), CPU, DISK, src_slots, allocation.slots, allocation.block_hashes
+            next(self._job_ids), CPU, DISK, src_slots, allocation.slots, allocation.block_hashes,
+            after_job_id=None if after is None else after.job_id,
         )
         self._record(job, None, src_index=self.host, src_slots=src_slots, dst_index=self.disk)
         self._queued.append(job)
@@ -355,6 +413,7 @@ class BlockManager:
             gpu_ids.setdefault(request_id, []).append(job.job_id)
             if job.dst == GPU:
                 load_ids.setdefault(request_id, []).append(job.job_id)
+        failed_ids, self._failed_loads = tuple(self._failed_loads), []
         self._flush_events()
         return IterationPlan(
             next(self._iterations),
@@ -362,6 +421,7 @@ class BlockManager:
             {r: tuple(j) for r, j in load_ids.items()},
             {r: tuple(j) for r, j in gpu_ids.items()},
             sync_ids,
+            failed_ids,
         )
 
     def apply_results(self, rank: int, results: Iterable[JobResult]) -> None:
@@ -375,6 +435,7 @@ class BlockManager:
                 record.ok = False
                 record.errors.append(f"rank {rank}: {result.error}")
                 record.bad_hashes.update(result.bad_block_hashes)
+                record.failed_ranks.add(rank)
             if not record.remaining_ranks:
                 self._complete(record)
         self._flush_events()
@@ -400,8 +461,59 @@ class BlockManager:
             request = self._requests.get(record.request_id)
             if request is not None:
                 request.pending_job_ids.discard(job.job_id)
+                if job.dst == GPU:
+                    self._on_load_done(request, record)
                 if request.is_finished and not request.pending_job_ids:
                     del self._requests[record.request_id]
+
+    def _on_load_done(self, request: _Request, record: _JobRecord) -> None:
+        request.num_pending_loads -= 1
+        if not record.ok:
+            self.stats.add("failed_loads")
+            if request.is_sync_load:
+                return  # the worker failed that very forward step: nothing left to decide
+            retry = None if request.is_finished else self._plan_retry(request, record)
+            if retry is not None:
+                self._load_outcomes.append(retry)
+                return
+            first = record.first_block
+            if request.load_failed_at_block is None or first < request.load_failed_at_block:
+                request.load_failed_at_block = first
+        if request.num_pending_loads == 0 and request.load_failed_at_block is not None:
+            first, request.load_failed_at_block = request.load_failed_at_block, None
+            if not request.is_finished:
+                self.stats.add("recomputed_load_tokens", (request.num_skip_blocks - first) * self.block_size)
+                self._load_outcomes.append(
+                    LoadOutcome(request.request_id, recompute_from_token=first * self.block_size)
+                )
+
+    def _plan_retry(self, request: _Request, record: _JobRecord) -> LoadOutcome | None:
+        """Load the failed job's blocks again, from wherever they are held now."""
+        if request.num_load_retries >= MAX_LOAD_RETRIES:
+            return None
+        hashes = record.job.block_hashes
+        sources = self._match(hashes)
+        if len(sources) != len(hashes):
+            return None
+        request.num_load_retries += 1
+        jobs = []
+        position = record.first_block
+        ranks = sorted(record.failed_ranks)
+        for index, group in itertools.groupby(sources, key=lambda s: s[0]):
+            slots = tuple(index.pin([h for _, h in group]))
+            jobs.append(self._load_job(request, index, slots, position, ranks=ranks))
+            position += len(slots)
+        self.stats.add("retried_loads")
+        return LoadOutcome(request.request_id, tuple(jobs), tuple(ranks))
+
+    def take_load_outcomes(self) -> list[LoadOutcome]:
+        """What became of failed loads since the last call (see the module docstring)."""
+        outcomes, self._load_outcomes = self._load_outcomes, []
+        return outcomes
+
+    def fail_loads(self, request_ids: Iterable[int]) -> None:
+        """Have every rank fail these requests in the next plan (their KV will not arrive)."""
+        self._failed_loads.extend(request_ids)
 
     def _count_transfer(self, job: TransferJob, record: _JobRecord) -> None:
         direction = {
@@ -430,10 +542,6 @@ class BlockManager:
             )
         elif self.events is not None:
             self._pending_events.append(BlockStored(medium, job.block_hashes, None, (), self.block_size))
-        if record.dst_index is self.host and self.disk is not None:
-            admitted = [h for h in job.block_hashes if self.admission.should_admit(h)]
-            if admitted:
-                self._queue_host_to_disk(admitted)
 
     def _note_evicted(self, index: TierIndex, hashes: Sequence[int], evicted: bool = True) -> None:
         if not hashes:
@@ -466,6 +574,7 @@ class BlockManager:
         dst_index: TierIndex | None = None,
         token_blocks: tuple[tuple[int, ...], ...] = (),
         parent_hash: int | None = None,
+        ranks: Iterable[int] | None = None,
     ) -> None:
         self._jobs[job.job_id] = _JobRecord(
             job,
@@ -475,7 +584,7 @@ class BlockManager:
             dst_index,
             token_blocks,
             parent_hash,
-            set(range(self.num_ranks)),
+            set(range(self.num_ranks)) if ranks is None else set(ranks),
             self._clock(),
         )
         if request is not None:

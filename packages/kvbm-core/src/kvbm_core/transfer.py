@@ -55,7 +55,10 @@ class TransferJob:
     """Move ``len(src_ids)`` blocks: ``src_ids[i]`` of ``src`` into ``dst_ids[i]`` of ``dst``.
 
     Ids are GPU block ids for the ``gpu`` medium and slot numbers for a tier. ``block_hashes``
-    names each block moved, so tiers that check integrity can verify what they serve.
+    names each block moved: the worker checks every block it reads from a tier against it
+    before a byte is delivered. ``after_job_id`` chains a job behind another of the same plan
+    (a host -> disk copy behind the GPU -> host store that fills its source): each rank starts
+    it once its own copy of that job succeeded, and fails it if that job failed.
     """
 
     job_id: int
@@ -64,6 +67,7 @@ class TransferJob:
     src_ids: tuple[int, ...]
     dst_ids: tuple[int, ...]
     block_hashes: tuple[int, ...] = ()
+    after_job_id: int | None = None
 
     def __post_init__(self) -> None:
         if len(self.src_ids) != len(self.dst_ids):
@@ -94,6 +98,10 @@ class Storage(ABC):
     medium: str
     layout: KvLayout
     num_slots: int
+    #: True when the storage itself checks, on every read, that a slot holds the block hash the
+    #: job names (the disk tier's slot headers); otherwise the worker keeps its own record of
+    #: what it wrote into each slot and checks reads against that.
+    verifies_block_hashes: bool = False
 
     def host_view(self) -> np.ndarray | None:
         """A ``[num_slots, bytes_per_block]`` uint8 view when the bytes are host-addressable."""

@@ -37,6 +37,7 @@ from kvbm_discovery.inproc import (
 )
 from kvbm_discovery.messages import (
     Completions,
+    LoadRecovery,
     Message,
     StoredBlocks,
     TierSizes,
@@ -63,6 +64,7 @@ __all__ = [
     "InProcEventSink",
     "Inbox",
     "InstanceInfo",
+    "LoadRecovery",
     "MembershipEvent",
     "Message",
     "MessageError",

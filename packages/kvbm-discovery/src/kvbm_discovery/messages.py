@@ -5,7 +5,10 @@ are results with ``ok=False``), :class:`StoredBlocks` (the blocks a persistent t
 rank still holds after a restart, ``{hash: slot}``) and :class:`WorkerError` (a rank cannot go
 on).
 Leader -> workers: :class:`TierSizes` (what TensorRT-LLM's per-iteration metadata does not
-carry: the slots of each tier, sent once at init).
+carry: the slots of each tier, sent once at init) and :class:`LoadRecovery` (a request whose
+load failed on that rank: load it again with ``jobs``, or, with none, report it loaded because
+the engine was told to recompute what did not arrive). Both travel outside the per-iteration
+metadata because a parked request may wait while the engine runs no forward pass at all.
 
 ``encode(message) -> bytes`` and ``decode(data) -> Message``; ``decode`` validates every
 field and raises :class:`MessageError` for anything that is not a kvbm message, so receivers
@@ -20,10 +23,19 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvbm_core.transfer import JobResult
+from kvbm_core.transfer import JobResult, TransferJob
 from kvbm_discovery.errors import MessageError
 
-__all__ = ["Completions", "StoredBlocks", "WorkerError", "TierSizes", "Message", "encode", "decode"]
+__all__ = [
+    "Completions",
+    "StoredBlocks",
+    "WorkerError",
+    "TierSizes",
+    "LoadRecovery",
+    "Message",
+    "encode",
+    "decode",
+]
 
 _WIRE_VERSION = 1
 _U64_MAX = 2**64 - 1
@@ -53,7 +65,13 @@ class StoredBlocks:
     blocks: Mapping[int, int] = field(default_factory=dict)
 
 
-Message = Completions | WorkerError | TierSizes | StoredBlocks
+@dataclass(frozen=True)
+class LoadRecovery:
+    request_id: int
+    jobs: tuple[TransferJob, ...] = ()
+
+
+Message = Completions | WorkerError | TierSizes | StoredBlocks | LoadRecovery
 
 
 def _result_to_wire(result: JobResult) -> dict[str, Any]:
@@ -83,9 +101,41 @@ def encode(message: Message) -> bytes:
         }
     elif isinstance(message, TierSizes):
         body = {"num_slots": dict(message.num_slots)}
+    elif isinstance(message, LoadRecovery):
+        body = {"request_id": message.request_id, "jobs": [_job_to_wire(j) for j in message.jobs]}
     else:
         raise TypeError(f"not a kvbm control message: {type(message).__name__}")
     return json.dumps({"kvbm": _WIRE_VERSION, "kind": type(message).__name__, **body}).encode()
+
+
+def _job_to_wire(job: TransferJob) -> dict[str, Any]:
+    return {
+        "job_id": job.job_id,
+        "src": job.src,
+        "dst": job.dst,
+        "src_ids": list(job.src_ids),
+        "dst_ids": list(job.dst_ids),
+        "block_hashes": list(job.block_hashes),
+    }
+
+
+def _ids(value: Any, name: str) -> tuple[int, ...]:
+    if not isinstance(value, list):
+        raise MessageError(f"{name} must be a list of integers, got {value!r}")
+    return tuple(_int(v, f"{name}[]") for v in value)
+
+
+def _job_from_wire(wire: Any) -> TransferJob:
+    if not isinstance(wire, dict) or not all(isinstance(wire.get(k), str) for k in ("src", "dst")):
+        raise MessageError(f"a transfer job needs src and dst media, got {wire!r}")
+    try:
+        return TransferJob(
+            _int(wire.get("job_id"), "job_id"), wire["src"], wire["dst"],
+            _ids(wire.get("src_ids"), "src_ids"), _ids(wire.get("dst_ids"), "dst_ids"),
+            _ids(wire.get("block_hashes", []), "block_hashes"),
+        )
+    except ValueError as exc:
+        raise MessageError(str(exc)) from None
 
 
 def _int(value: Any, name: str, minimum: int = 0, maximum: int = _U64_MAX) -> int:
@@ -156,4 +206,9 @@ def decode(data: bytes | str) -> Message:
         if not isinstance(sizes, dict) or not all(isinstance(k, str) for k in sizes):
             raise MessageError(f"TierSizes.num_slots must map tier names to counts, got {sizes!r}")
         return TierSizes({k: _int(v, f"num_slots[{k!r}]") for k, v in sizes.items()})
+    if kind == "LoadRecovery":
+        jobs = wire.get("jobs")
+        if not isinstance(jobs, list):
+            raise MessageError(f"LoadRecovery.jobs must be a list, got {jobs!r}")
+        return LoadRecovery(_int(wire.get("request_id"), "request_id"), tuple(_job_from_wire(j) for j in jobs))
     raise MessageError(f"unknown message kind {kind!r}")
