@@ -7,7 +7,7 @@ disk -> gpu (when it has a GPU pool).
 
 Knobs read from ``TierContext.options`` (all optional): ``disk_io_threads`` (blocks in flight
 per direction, default 16), ``disk_io_depth`` (cap on I/O syscalls in flight, default none),
-``disk_index_flush_secs`` (default 5), ``disk_verify_on_open``
+``disk_index_flush_secs`` (default 1: a stored block is in the index within a second), ``disk_verify_on_open``
 (check each persisted slot's header at start, default true), ``disk_backend`` (host <-> disk
 I/O: ``auto`` = NIXL when importable else threads, ``nixl``, ``threads``; also env
 ``KVBM_DISK_BACKEND``; GPU <-> disk always uses threads).
@@ -110,9 +110,10 @@ def make_storage(ctx: TierContext) -> DiskStorage:
         rank=ctx.rank,
         world_size=ctx.world_size,
         use_o_direct=not config.disk_disable_o_direct,
-        index_flush_secs=_option(ctx, "disk_index_flush_secs", 5.0, float),
+        index_flush_secs=_option(ctx, "disk_index_flush_secs", 1.0, float),
         verify_on_open=verify,
         io_depth=_io_depth(ctx),
+        model_id=config.model_id,
     )
 
 

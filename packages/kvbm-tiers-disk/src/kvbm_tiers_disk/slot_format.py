@@ -92,8 +92,10 @@ class SlotHeader:
     checksum: int
 
 
-def layout_fingerprint(layout: KvLayout, rank: int, world_size: int) -> int:
-    """What the bytes of a slot mean: format, block shape, dtype and which rank's shard.
+def layout_fingerprint(
+    layout: KvLayout, rank: int, world_size: int, model_id: str | None = None
+) -> int:
+    """What the bytes of a slot mean: format, model, block shape, dtype and which rank's shard.
 
     The layout kind is left out on purpose: a tier slot stores a block contiguously, layer
     after layer, whatever the GPU pool's arrangement, so both kinds read the same file.
@@ -103,6 +105,8 @@ def layout_fingerprint(layout: KvLayout, rank: int, world_size: int) -> int:
         f"{layout.num_kv_heads}/{layout.tokens_per_block}/{layout.head_dim}/{layout.dtype}/"
         f"{rank}/{world_size}"
     )
+    if model_id:
+        key += f"/model={model_id}"
     return xxhash.xxh3_64_intdigest(key.encode())
 
 

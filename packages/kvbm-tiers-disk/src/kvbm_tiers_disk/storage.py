@@ -26,8 +26,9 @@ Runs in each worker process. Operations (any thread unless said otherwise):
 Index contract: a slot's entry is dropped when a write to it starts and added when the write
 completes; evictions are recorded with ``record_evicted``. Calls only touch memory; the file is
 rewritten (after an fdatasync of the slots file, so it never lists bytes the disk may not
-have) at most every ``index_flush_secs`` and on ``close()``. After a crash the index may be up
-to that old; every slot carries its own header, so a stale entry costs a failed load (reported
+have) at most every ``index_flush_secs`` (1 s by default), on ``close()`` and when the process
+exits without it (``atexit``, SIGTERM: :mod:`kvbm_tiers_disk.exit_flush`). After a crash the
+index may be up to that old; every slot carries its own header, so a stale entry costs a failed load (reported
 in ``bad_block_hashes``), never wrong KV.
 """
 
@@ -50,6 +51,7 @@ import numpy as np
 from kvbm_core.config import ConfigError
 from kvbm_core.layout import KvLayout
 from kvbm_core.transfer import DISK, Storage
+from kvbm_tiers_disk import exit_flush
 from kvbm_tiers_disk.buffers import aligned_array
 from kvbm_tiers_disk.index_file import IndexEntries, read_index, write_index
 from kvbm_tiers_disk.slot_format import (
@@ -106,6 +108,7 @@ class DiskBlockError(Exception):
 
 class DiskStorage(Storage):
     medium = DISK
+    verifies_block_hashes = True  # every read checks the slot header's hash and checksum
 
     def __init__(
         self,
@@ -116,9 +119,10 @@ class DiskStorage(Storage):
         rank: int = 0,
         world_size: int = 1,
         use_o_direct: bool = True,
-        index_flush_secs: float = 5.0,
+        index_flush_secs: float = 1.0,
         verify_on_open: bool = True,
         io_depth: int | None = None,
+        model_id: str | None = None,
     ) -> None:
         if num_slots <= 0:
             raise ConfigError(
@@ -130,7 +134,7 @@ class DiskStorage(Storage):
         self.rank = rank
         self.world_size = world_size
         self.geometry = SlotGeometry(layout.bytes_per_block)
-        self.fingerprint = layout_fingerprint(layout, rank, world_size)
+        self.fingerprint = layout_fingerprint(layout, rank, world_size, model_id)
         self.directory = prepare_directory(Path(directory))
         self.path = self.directory / f"kvbm-disk-rank{rank}.slots"
         self.index_path = self.directory / f"kvbm-disk-rank{rank}.index"
@@ -172,6 +176,7 @@ class DiskStorage(Storage):
             target=self._flush_loop, name=f"kvbm-disk-index-rank{rank}", daemon=True
         )
         self._flusher.start()
+        exit_flush.register(self)
 
     # ------------------------------------------------------------------ opening
 
