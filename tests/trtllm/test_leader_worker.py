@@ -71,19 +71,29 @@ def test_worker_says_what_it_waited_for_without_a_leader():
 
 
 def test_salt_separates_models_adapters_and_tenants():
+    """TensorRT-LLM's own attribute names (bindings.cpp: lora_task_id, cache_salt_id)."""
     cfg = config(cpu_cache_override_num_blocks=4)
 
     class Request:
-        def __init__(self, lora_name=None, cache_salt=None):
-            self.lora_name, self.cache_salt = lora_name, cache_salt
+        def __init__(self, lora_task_id=None, cache_salt_id=None):
+            self.lora_task_id, self.cache_salt_id = lora_task_id, cache_salt_id
+
+    class KvbmNamed:  # what the drifted reference engine used to send: must not count
+        lora_name, cache_salt_id = "x", None
 
     a = KvbmLeaderCore(cfg, services(cfg), 1, 16, "model-a")
     b = KvbmLeaderCore(cfg, services(cfg), 1, 16, "model-b")
     salts = {
         a.salt_for(Request()),
         b.salt_for(Request()),
-        a.salt_for(Request(lora_name="x")),
-        a.salt_for(Request(cache_salt="tenant-1")),
+        a.salt_for(Request(lora_task_id=3)),
+        a.salt_for(Request(cache_salt_id=12345)),
+        a.salt_for(Request(lora_task_id=3, cache_salt_id=12345)),
     }
-    assert len(salts) == 4
+    assert len(salts) == 5
     assert a.salt_for(Request()) == a.salt_for(Request())
+    assert a.salt_for(KvbmNamed()) == a.salt_for(Request())
+    # A request that tells no salt while RequestData may carry one matches nothing yet.
+    a.request_data_has_salt = True
+    assert a.salt_for(object()) is None
+    assert a.salt_for(object(), "tenant-1") != a.salt_for(Request())

@@ -22,6 +22,22 @@ Dynamo's names, so moving from Dynamo's KVBM changes only ``connector_module``.
 
 Configuration comes from ``KVBM_*`` / ``DYN_KVBM_*`` environment variables; an engine without
 TensorRT-LLM may also pass a mapping as ``llm_args.extra["kvbm"]``.
+
+What kvbm reads of TensorRT-LLM's objects, and where TensorRT-LLM defines it:
+- ``get_num_new_matched_tokens`` gets the C++ base ``LlmRequest`` (``connectors/
+  kv_cache_connector.py``: "casts it to the base-class LlmRequest"), so only what
+  ``nanobind/batch_manager/bindings.cpp`` binds: ``request_id``, ``prompt_len``,
+  ``get_tokens(0)``, ``lora_task_id`` and ``cache_salt_id`` (optional ints; the same fields
+  TensorRT-LLM's own block reuse keys on), ``context_current_position`` (read-write).
+- ``RequestData.cache_salt`` (TensorRT-LLM main; "connectors MUST mix cache_salt into their
+  identifiers") salts requests kvbm never looked up (block reuse off); a request object that
+  tells no salt while ``RequestData`` may carry one matches nothing.
+- The model identity: ``llm_args.model`` (its ``config.json`` and weight files when it is a
+  directory), ``llm_args.revision`` and ``KVBM_MODEL_ID`` (:mod:`kvbm_trtllm.pool_layout`).
+- Exceptions: TensorRT-LLM's executor catches only what is raised inside its forward step
+  (layer hooks, the forward-pass callable, ``wait_for_save``) and fails the active requests;
+  anything else kills the engine (``py_executor.py``). So a forward that must not run (a sync
+  load failed) is failed from inside the forward step, never from ``start_load_kv``.
 """
 
 from __future__ import annotations
@@ -33,13 +49,14 @@ from kvbm_core.config import KvbmConfig
 from kvbm_core.manager import IterationPlan
 from kvbm_core.plugins import get_plugin_manager, load_discovery_backend
 from kvbm_trtllm.leader import KvbmLeaderCore
+from kvbm_trtllm.pool_layout import layout_from_pool, model_facts, model_identity
 from kvbm_trtllm.trtllm_api import (
     KvCacheConnectorScheduler,
     KvCacheConnectorWorker,
     SchedulerOutput,
     current_rank,
 )
-from kvbm_trtllm.worker import KvbmWorkerCore, WorkerSetup, layout_from_pool
+from kvbm_trtllm.worker import KvbmWorkerCore, WorkerSetup
 
 log = logging.getLogger("kvbm.connector")
 
@@ -93,12 +110,12 @@ class KvbmConnectorLeader(KvCacheConnectorScheduler):
         _check_supported(llm_args)
         self.config = load_config(llm_args)
         self.services = make_services(self.config)
-        model = getattr(llm_args, "model", None)
         self.core = KvbmLeaderCore(
             self.config, self.services, world_size(llm_args), tokens_per_block(llm_args),
-            None if model is None else str(model),
+            model_identity(llm_args, self.config.model_id),
         )
         self.core.start()
+        self._allocated: dict[int, Any] = {}
         self.metrics_server = None
         if self.config.metrics:
             from kvbm_trtllm.metrics import start_metrics_server
@@ -115,35 +132,51 @@ class KvbmConnectorLeader(KvCacheConnectorScheduler):
         return manager
 
     def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int, bool]:
-        manager = self._manager()
-        if getattr(request, "is_generation_only_request", False):
-            return 0, False
-        tokens = list(request.get_tokens(0))[: int(request.prompt_len)]
-        match = manager.lookup(
-            int(request.request_id), tokens, int(num_computed_tokens), self.core.salt_for(request),
-            is_sync_load=not self.config.async_load,
-        )
+        with self.core.lock:
+            manager = self._manager()
+            salt = self.core.salt_for(request)
+            if salt is None or _flag(request, "is_generation_only_request"):
+                return 0, False
+            tokens = list(request.get_tokens(0))[: int(request.prompt_len)]
+            match = manager.lookup(
+                int(request.request_id), tokens, int(num_computed_tokens), salt,
+                is_sync_load=not self.config.async_load,
+            )
         return match.num_tokens, bool(match.num_tokens) and self.config.async_load
 
     def update_state_after_alloc(self, request: Any, block_ids: list[int]) -> None:
-        self._manager().prepare_load(int(request.request_id), list(block_ids))
+        with self.core.lock:
+            request_id = int(request.request_id)
+            jobs = self._manager().prepare_load(request_id, list(block_ids))
+            if jobs:
+                self.core.track(request)  # it may have to be rewound if a load fails
+            self._allocated[request_id] = request  # its identity, for its first report
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> object:
-        manager = self._manager()
-        for data in scheduler_output.new_requests:
-            manager.schedule(
-                data.request_id, data.new_tokens, data.new_block_ids, data.computed_position,
-                data.num_scheduled_tokens, is_new=True,
-            )
-        for data in scheduler_output.cached_requests:
-            manager.schedule(
-                data.request_id, data.new_tokens, data.new_block_ids, data.computed_position,
-                data.num_scheduled_tokens,
-            )
-        return manager.build_plan()
+        with self.core.lock:
+            manager = self._manager()
+            for data in scheduler_output.new_requests:
+                if hasattr(data, "cache_salt"):
+                    self.core.request_data_has_salt = True
+                request = self._allocated.pop(data.request_id, _NoIdentity)
+                salt = self.core.salt_for(request, getattr(data, "cache_salt", None))
+                manager.schedule(
+                    data.request_id, data.new_tokens, data.new_block_ids, data.computed_position,
+                    data.num_scheduled_tokens, is_new=True, salt=salt,
+                )
+            for data in scheduler_output.cached_requests:
+                manager.schedule(
+                    data.request_id, data.new_tokens, data.new_block_ids, data.computed_position,
+                    data.num_scheduled_tokens,
+                )
+            return manager.build_plan()
 
     def request_finished(self, request: Any, cache_block_ids: list[int]) -> bool:
-        return self._manager().finish(int(request.request_id))
+        with self.core.lock:
+            request_id = int(request.request_id)
+            self.core.forget(request_id)
+            self._allocated.pop(request_id, None)
+            return self._manager().finish(request_id)
 
     def shutdown(self) -> None:
         if self.metrics_server is not None:
@@ -158,11 +191,11 @@ class KvbmConnectorWorker(KvCacheConnectorWorker):
         _check_supported(llm_args)
         self.config = load_config(llm_args)
         self.services = make_services(self.config)
-        extra = getattr(llm_args, "extra", None)
-        head_dim = extra.get("head_dim") if isinstance(extra, dict) else None
+        self.facts = model_facts(llm_args)
         self.setup = WorkerSetup(
             rank=current_rank(), world_size=world_size(llm_args),
-            tokens_per_block=tokens_per_block(llm_args), head_dim=head_dim,
+            tokens_per_block=tokens_per_block(llm_args), head_dim=self.facts.head_dim,
+            model_id=model_identity(llm_args, self.config.model_id),
         )
         self.core = KvbmWorkerCore(self.config, self.setup, self.services)
         self._last_iteration: int | None = None
@@ -172,7 +205,9 @@ class KvbmConnectorWorker(KvCacheConnectorWorker):
         from kvbm_discovery import StoredBlocks
 
         self._is_cuda = bool(getattr(kv_cache_tensor, "is_cuda", False))
-        layout = layout_from_pool(kv_cache_tensor, self.setup.tokens_per_block, self.setup.head_dim)
+        layout = layout_from_pool(
+            kv_cache_tensor, self.setup.tokens_per_block, self.facts, self.setup.world_size
+        )
         self.core.register_kv_caches([kv_cache_tensor], layout)
         for tier, blocks in self.core.persisted_blocks().items():
             self.services.control.send_to_leader(StoredBlocks(self.setup.rank, tier, blocks))
@@ -190,8 +225,15 @@ class KvbmConnectorWorker(KvCacheConnectorWorker):
         return event
 
     def _after_forward(self) -> None:
+        self._raise_forward_error()
         if self.core.has_deferred_jobs:
             self.core.after_forward(self._record_event())
+
+    def _raise_forward_error(self) -> None:
+        # Raised inside TensorRT-LLM's forward step, which fails the batch and goes on.
+        error = self.core.forward_error()
+        if error is not None:
+            raise KvbmLoadError(error)
 
     def start_load_kv(self, stream: Any) -> None:
         plan = self.get_connector_meta()
@@ -208,13 +250,17 @@ class KvbmConnectorWorker(KvCacheConnectorWorker):
         self.core.start_iteration(plan)
 
     def wait_for_layer_load(self, layer_idx: int, stream: Any) -> None:
-        pass  # loads land before the forward pass (sync) or before the request is scheduled (async)
+        # Loads land before the forward pass (sync) or before the request is scheduled (async);
+        # the first layer is where a forward that must not run is stopped.
+        if layer_idx == 0:
+            self._raise_forward_error()
 
     def save_kv_layer(self, layer_idx: int, stream: Any) -> None:
         pass  # stores start once the whole forward pass is done, on one event
 
     def wait_for_save(self, stream: Any) -> None:
         # Engines that never call the forward-pass callable still get their stores started here.
+        self._raise_forward_error()
         if self.core.has_deferred_jobs:
             self.core.after_forward(self._record_event(stream))
 
@@ -224,17 +270,31 @@ class KvbmConnectorWorker(KvCacheConnectorWorker):
         return self.core.get_finished(finished_gen_req_ids, started_loading_req_ids)
 
     def get_block_ids_with_load_errors(self) -> set[int]:
-        """GPU blocks whose load failed since the last call; the engine must recompute them.
+        """GPU blocks whose load failed for good since the last call.
 
-        TensorRT-LLM 1.2 does not call this (vLLM's connectors have the same method); an
-        engine that does gets failed loads reported as finished, to recompute. One that does
-        not has those requests kept parked, never run on KV that did not arrive.
+        TensorRT-LLM main does not call this (only the closed PR #15425 and forks do, and fail
+        the request); where an engine calls it, requests kvbm cannot rewind are reported here
+        instead of failing the whole forward step.
         """
         return self.core.take_load_errors()
 
     def shutdown(self) -> None:
         self.core.close()
         self.services.close()
+
+
+class KvbmLoadError(RuntimeError):
+    """KV that a forward step needs could not be loaded; the step must fail, not run."""
+
+
+class _NoIdentity:
+    """A request the connector never saw allocated: its salt can come from ``RequestData`` only."""
+
+
+def _flag(obj: Any, name: str) -> bool:
+    # The C++ binding has a property; TensorRT-LLM's Python LlmRequest a method of that name.
+    value = getattr(obj, name, False)
+    return bool(value() if callable(value) else value)
 
 
 DynamoKVBMConnectorLeader = KvbmConnectorLeader

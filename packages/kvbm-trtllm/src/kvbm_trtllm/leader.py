@@ -9,8 +9,22 @@ Operations:
   all ranks, or the block-count overrides), tell the workers, and build the block manager.
   Engines build the leader and workers concurrently, so this must not block construction.
 - ``manager``: the :class:`~kvbm_core.manager.BlockManager`, once ready (``wait_ready``).
-- ``drain_results()``: apply the job results workers sent since the last call.
-- ``salt_for(request)``: the block-hash seed of a request (model, LoRA adapter, cache salt).
+- ``lock``: held by every caller of the manager (the engine's thread and the leader's own).
+- ``drain_results()``: apply the job results workers sent since the last call, and act on
+  failed loads (below). A background thread calls it too, so results are acted on while the
+  engine runs no forward pass (a parked request may be all there is).
+- ``track(request)`` / ``forget(request_id)``: the engine's request object, kept while the
+  request may still have to be rewound.
+- ``salt_for(request, cache_salt)``: the block-hash seed of a request: the model identity, the
+  LoRA adapter (``lora_task_id``, as TensorRT-LLM keys its own block reuse) and the tenant salt
+  (``cache_salt_id`` on the request, or ``RequestData.cache_salt``).
+
+Failed loads (``BlockManager.take_load_outcomes``): a retry goes to the ranks that failed as a
+``LoadRecovery`` with jobs. With no retry left, a single-rank engine is told to recompute:
+the request's ``context_current_position`` (writable in TensorRT-LLM's bindings) goes back to
+the first token whose KV did not arrive, then an empty ``LoadRecovery`` lets the worker report
+it loaded. With several ranks that cannot work (each rank holds its own request object), so
+every rank fails the request together through the next plan.
 """
 
 from __future__ import annotations
@@ -23,14 +37,46 @@ from kvbm_core.admission import AlwaysAdmit, FrequencyFilter
 from kvbm_core.config import KvbmConfig
 from kvbm_core.events import EventSink
 from kvbm_core.hashing import salt_hash
-from kvbm_core.manager import BlockManager, TierSlots
+from kvbm_core.manager import BlockManager, LoadOutcome, TierSlots
 from kvbm_core.metrics import KvbmStats
 from kvbm_core.plugins import get_plugin_manager, load_tier_specs
 from kvbm_core.transfer import CPU, DISK
+from kvbm_trtllm.trtllm_api import RequestData
 
 log = logging.getLogger("kvbm.leader")
 
-__all__ = ["KvbmLeaderCore"]
+__all__ = ["KvbmLeaderCore", "RequestIdentity"]
+
+_TICK_SECS = 0.005
+
+
+class RequestIdentity:
+    """The parts of a request's identity TensorRT-LLM exposes, read the way it exposes them."""
+
+    @staticmethod
+    def lora(request: Any) -> str | None:
+        task_id = getattr(request, "lora_task_id", None)
+        return None if task_id is None else f"task:{int(task_id)}"
+
+    @staticmethod
+    def cache_salt(request: Any, data_salt: str | None = None) -> tuple[bool, str | None]:
+        """``(is_known, key)``: whether the tenant salt is known, and the salt.
+
+        The request object comes first (it is what the lookup saw); ``data_salt`` is
+        ``RequestData.cache_salt``, for requests the lookup never saw.
+        """
+        salt_id: Any = getattr(request, "cache_salt_id", _MISSING)
+        if salt_id is not _MISSING and salt_id is not None:
+            return True, f"id:{int(salt_id)}"
+        salt = getattr(request, "cache_salt", _MISSING)
+        if salt is not _MISSING and salt is not None and not callable(salt):
+            return True, f"salt:{salt}"
+        if data_salt is not None:
+            return True, f"salt:{data_salt}"
+        return salt_id is not _MISSING or salt is not _MISSING, None
+
+
+_MISSING = object()
 
 
 class KvbmLeaderCore:
@@ -47,7 +93,7 @@ class KvbmLeaderCore:
         self.services = services
         self.world_size = world_size
         self.block_size = block_size
-        self.model_id = config.model_id or model_id
+        self.model_id = model_id if model_id is not None else config.model_id
         self.stats = stats if stats is not None else KvbmStats()
         self.inbox = services.control.leader_inbox()
         self.events: EventSink | None = services.make_event_sink("leader") if config.events else None
@@ -57,6 +103,11 @@ class KvbmLeaderCore:
         self._registration = None
         self._salts: dict[tuple[str | None, str | None], int] = {}
         self._restored: dict[str, dict[int, dict[int, int]]] = {}
+        self._requests: dict[int, Any] = {}
+        # Whether this engine's RequestData carries cache_salt (TensorRT-LLM main does).
+        self.request_data_has_salt = "cache_salt" in getattr(RequestData, "__dataclass_fields__", {})
+        self.lock = threading.RLock()
+        self._is_closed = threading.Event()
 
     def start(self) -> None:
         from kvbm_discovery import LEADER, InstanceInfo
@@ -65,6 +116,15 @@ class KvbmLeaderCore:
             InstanceInfo(role=LEADER, world_size=self.world_size)
         )
         threading.Thread(target=self._initialize, name="kvbm-leader-init", daemon=True).start()
+        threading.Thread(target=self._tick, name="kvbm-leader-tick", daemon=True).start()
+
+    def _tick(self) -> None:
+        while not self._is_closed.wait(_TICK_SECS):
+            try:
+                with self.lock:
+                    self.drain_results()
+            except Exception:  # the thread must survive anything; the error is visible here
+                log.exception("kvbm leader: handling worker results failed")
 
     def _initialize(self) -> None:
         try:
@@ -129,16 +189,54 @@ class KvbmLeaderCore:
         if self.manager is None:
             return
         for message in self.inbox.poll():
-            if isinstance(message, Completions):
+            if getattr(message, "rank", 0) not in range(self.world_size):
+                log.warning("kvbm leader: ignoring a %s from rank %r (world size %d)",
+                            type(message).__name__, getattr(message, "rank", None), self.world_size)
+            elif isinstance(message, Completions):
                 self.manager.apply_results(message.rank, message.results)
             elif isinstance(message, StoredBlocks):
                 self._restore(message)
             elif isinstance(message, WorkerError):
-                log.error("kvbm worker rank %d reported: %s", message.rank, message.error)
+                log.error("kvbm worker rank %d reported: %.2000s", message.rank, message.error)
+        for outcome in self.manager.take_load_outcomes():
+            self._act_on(outcome)
+
+    def _act_on(self, outcome: LoadOutcome) -> None:
+        from kvbm_discovery import LoadRecovery
+
+        assert self.manager is not None
+        if outcome.retry_jobs:
+            for rank in outcome.retry_ranks:
+                self.services.control.send_to_worker(
+                    rank, LoadRecovery(outcome.request_id, outcome.retry_jobs)
+                )
+            return
+        request = self._requests.get(outcome.request_id)
+        if self.world_size == 1 and request is not None and outcome.recompute_from_token is not None:
+            request.context_current_position = outcome.recompute_from_token
+            log.warning(
+                "kvbm leader: KV of request %d from token %d did not load; the engine recomputes it",
+                outcome.request_id, outcome.recompute_from_token,
+            )
+            self.services.control.send_to_worker(0, LoadRecovery(outcome.request_id))
+            return
+        log.error("kvbm leader: KV of request %d could not be loaded; failing it", outcome.request_id)
+        self.manager.fail_loads([outcome.request_id])
+
+    def track(self, request: Any) -> None:
+        self._requests[int(request.request_id)] = request
+
+    def forget(self, request_id: int) -> None:
+        self._requests.pop(request_id, None)
 
     def _restore(self, message: Any) -> None:
         # Every rank must hold a block in the same slot before any rank's copy is trusted.
         assert self.manager is not None
+        if message.tier == CPU or message.tier not in (DISK, *self.manager.indexes):
+            # Host memory never outlives a process: a host "restore" can only be a mistake
+            # or a forgery, and an unknown tier has no index to seed.
+            log.warning("kvbm leader: ignoring restored blocks for tier %.40r", message.tier)
+            return
         pending = self._restored.setdefault(message.tier, {})
         pending[message.rank] = dict(message.blocks)
         if len(pending) < self.world_size:
@@ -151,16 +249,19 @@ class KvbmLeaderCore:
             self.manager.restore(name, common)
             log.info("kvbm leader: %d %s block(s) restored from before the restart", len(common), name)
 
-    def salt_for(self, request: Any) -> int:
-        lora = getattr(request, "lora_name", None)
-        cache_salt = getattr(request, "cache_salt", None)
-        key = (lora if isinstance(lora, str) else None, cache_salt if isinstance(cache_salt, str) else None)
+    def salt_for(self, request: Any, data_salt: str | None = None) -> int | None:
+        """The request's block-hash seed, or ``None`` while its tenant salt cannot be known."""
+        is_known, cache_salt = RequestIdentity.cache_salt(request, data_salt)
+        if not is_known and self.request_data_has_salt:
+            return None  # the salt arrives later, in RequestData: nothing may match before
+        key = (RequestIdentity.lora(request), cache_salt)
         salt = self._salts.get(key)
         if salt is None:
             salt = self._salts[key] = salt_hash(self.model_id, key[0], key[1])
         return salt
 
     def close(self) -> None:
+        self._is_closed.set()
         if self.events is not None:
             self.events.close()
         if self._registration is not None:

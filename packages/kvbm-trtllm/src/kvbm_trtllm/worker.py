@@ -13,7 +13,21 @@ Operations:
   event recorded on the forward stream; ``None`` on a CPU engine). Never syncs the host.
 - ``get_finished(saving_ids, loading_ids)``: poll the handlers, send results to the leader, and
   return the request ids whose jobs all finished on this rank (each id once, only ids given).
-- ``take_load_errors()``: GPU block ids whose load failed, for engines that recompute them.
+- ``forward_error()``: why this iteration's forward pass must not run (a load it needs failed),
+  or ``None``; the connector raises it inside the engine's forward step.
+- ``take_load_errors()``: GPU block ids whose load failed, for engines that have that API.
+
+Trust: the worker delivers only blocks whose identity it verified itself. Every job reading a
+tier names the block hash of each slot; a tier that checks slots itself (the disk tier's
+headers) verifies it on read, for the others the worker checks its own record of what it wrote
+there (:class:`~kvbm_core.slot_records.SlotRecords`) before submitting the job. A mismatch fails
+the job (the block is named corrupt, so the leader drops it) and counts ``verify_failures``.
+
+A load that failed on this rank is never reported loaded until the leader decides: it sends
+retry jobs or, once the engine was told to recompute what did not arrive, an empty
+``LoadRecovery``; or the plan lists the request in ``failed_load_request_ids`` and every rank
+fails it together (through the load-error API where the engine has it, else by failing the
+forward step). A decision that does not come within the init timeout is an error.
 """
 
 from __future__ import annotations
@@ -21,19 +35,22 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
 from kvbm_core.config import KvbmConfig
-from kvbm_core.layout import KvLayout, LayoutKind
+from kvbm_core.layout import KvLayout
 from kvbm_core.manager import IterationPlan
 from kvbm_core.plugins import TierContext, get_plugin_manager, load_tier_specs
+from kvbm_core.slot_records import SlotRecords
 from kvbm_core.transfer import GPU, DevicePool, JobResult, Storage, TransferEngine, TransferJob
+from kvbm_trtllm.pool_layout import layout_from_layers, layout_from_pool
 
 log = logging.getLogger("kvbm.worker")
 
-__all__ = ["KvbmWorkerCore", "WorkerSetup"]
+__all__ = ["KvbmWorkerCore", "WorkerSetup", "layout_from_pool", "layout_from_layers"]
 
 
 @dataclass(frozen=True)
@@ -43,6 +60,7 @@ class WorkerSetup:
     tokens_per_block: int
     head_dim: int | None = None
     device: str = "cpu"
+    model_id: str | None = None
 
 
 class KvbmWorkerCore:
@@ -53,7 +71,9 @@ class KvbmWorkerCore:
         self.inbox = services.control.worker_inbox(setup.rank)
         self.layout: KvLayout | None = None
         self.storages: dict[str, Storage] = {}
+        self.records: dict[str, SlotRecords] = {}
         self.engine = TransferEngine()
+        self.counters: Counter[str] = Counter()
         self._registration = None
         self._lock = threading.Lock()
         self._jobs: dict[int, TransferJob] = {}
@@ -63,9 +83,13 @@ class KvbmWorkerCore:
         self._loading: set[int] = set()
         self._saving: set[int] = set()
         self._failed_loads: dict[int, set[int]] = {}
+        self._held_since: dict[int, float] = {}
+        self._abandoned: set[int] = set()  # failed with the forward step: never reported
         self._load_errors: set[int] = set()
         self._deferred: list[TransferJob] = []
+        self._chained: dict[int, list[TransferJob]] = {}
         self._dropped: list[JobResult] = []
+        self._forward_error: str | None = None
         self.is_recovery_supported = False
 
     # ---- start-up --------------------------------------------------------------------------
@@ -110,14 +134,19 @@ class KvbmWorkerCore:
         pm = get_plugin_manager(self.config.disabled_plugins)
         wanted = [name for name, slots in num_slots.items() if slots > 0]
         specs = load_tier_specs(pm, required=wanted)
+        # The tiers key what they persist on the model identity too (the disk fingerprint).
+        config = replace(self.config, model_id=self.setup.model_id or self.config.model_id)
         contexts = {}
         for name in wanted:
             spec = specs[name]
             contexts[name] = TierContext(
                 layout=self.layout, num_slots=num_slots[name], rank=self.setup.rank,
-                world_size=self.setup.world_size, device=self.setup.device, config=self.config,
+                world_size=self.setup.world_size, device=self.setup.device, config=config,
             )
-            self.storages[spec.medium] = spec.make_storage(contexts[name])
+            storage = spec.make_storage(contexts[name])
+            self.storages[spec.medium] = storage
+            if not storage.verifies_block_hashes:
+                self.records[spec.medium] = SlotRecords(storage.num_slots)
         for name in wanted:
             for handler in specs[name].make_handlers(self.storages, contexts[name]):
                 self.engine.register(handler)
@@ -136,23 +165,69 @@ class KvbmWorkerCore:
     # ---- per iteration ---------------------------------------------------------------------
 
     def start_iteration(self, plan: IterationPlan | None) -> None:
-        if plan is None or plan.is_empty:
+        if plan is None:
             return
+        if plan.failed_load_request_ids:
+            self._fail_loads(plan.failed_load_request_ids)
+        if not plan.jobs:
+            return
+        self._add_jobs(plan.jobs, plan.gpu_job_ids, plan.load_job_ids)
+        if plan.sync_request_ids:
+            self._wait_for_loads(plan.sync_request_ids)
+
+    def _add_jobs(
+        self,
+        jobs: Sequence[TransferJob],
+        gpu_job_ids: dict[int, tuple[int, ...]],
+        load_job_ids: dict[int, tuple[int, ...]],
+    ) -> None:
         with self._lock:
-            for job in plan.jobs:
+            for job in jobs:
                 self._jobs[job.job_id] = job
-            for request_id, job_ids in plan.gpu_job_ids.items():
+            for request_id, job_ids in gpu_job_ids.items():
                 self._gpu_jobs.setdefault(request_id, set()).update(job_ids)
                 for job_id in job_ids:
                     self._job_request[job_id] = request_id
-            for request_id, job_ids in plan.load_job_ids.items():
+            for request_id, job_ids in load_job_ids.items():
                 self._load_jobs.setdefault(request_id, set()).update(job_ids)
-        now = [job for job in plan.jobs if job.src != GPU]
-        self._deferred.extend(job for job in plan.jobs if job.src == GPU)
-        if now:
-            self.engine.submit(now)
-        if plan.sync_request_ids:
-            self._wait_for_loads(plan.sync_request_ids)
+        for job in jobs:
+            records = self.records.get(job.dst)
+            if records is not None:
+                records.prepare_write(job)  # unknown until written: never verifies half-written
+        now = []
+        for job in jobs:
+            if job.after_job_id is not None:
+                self._chained.setdefault(job.after_job_id, []).append(job)
+            elif job.src == GPU:
+                self._deferred.append(job)
+            else:
+                now.append(job)
+        self._submit(now)
+
+    def _submit(self, jobs: Sequence[TransferJob], ready: Any = None) -> None:
+        verified = [job for job in jobs if self._verify(job)]
+        if verified:
+            self.engine.submit(verified, ready)
+
+    def _verify(self, job: TransferJob) -> bool:
+        """Whether every source slot holds the block the job names (failing the job if not)."""
+        records = self.records.get(job.src)
+        if records is not None:
+            bad = records.mismatches(job)
+        elif job.src != GPU and not job.block_hashes:
+            bad = [0] * job.num_blocks  # a self-verifying tier needs the hashes to check
+        else:
+            return True
+        if not bad:
+            return True
+        self.counters["verify_failures"] += len(bad)
+        error = (
+            f"{len(bad)} of {job.num_blocks} {job.src} slot(s) do not hold the blocks the plan "
+            "names (never written by this rank, or rewritten since); nothing was copied"
+        )
+        log.warning("kvbm worker %d: job %d refused: %s", self.setup.rank, job.job_id, error)
+        self._dropped.append(JobResult(job.job_id, False, error=error, bad_block_hashes=tuple(bad)))
+        return False
 
     def _wait_for_loads(self, request_ids: Iterable[int]) -> None:
         # Sync loads: the engine runs these requests in this iteration's forward pass.
@@ -163,11 +238,36 @@ class KvbmWorkerCore:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"kvbm worker {self.setup.rank}: sync loads did not finish")
             time.sleep(0.0002)
+        failed = [r for r in request_ids if self._failed_loads.get(r)]
+        for request_id in failed:
+            self._held_since.pop(request_id, None)  # nothing to decide: the step fails now
+            self._failed_loads.pop(request_id, None)
+        failed = sorted(set().union(*all_gather(failed))) if self.setup.world_size > 1 else failed
+        if failed:
+            # Every rank fails the same forward step: the engine must not read KV that a rank
+            # lacks, and ranks that disagree on which requests fail would diverge.
+            self._forward_error = (
+                f"kvbm: synchronous KV loads for request(s) {failed} failed, so this forward "
+                "step would read KV that never arrived; the engine fails the batch instead. Set "
+                "KVBM_ASYNC_LOAD=1 (the default): asynchronous loads recompute what failed."
+            )
+
+    def forward_error(self) -> str | None:
+        """Why this iteration's forward step must fail; cleared once taken.
+
+        The step will not finish, so its stores would copy blocks it never wrote: they fail.
+        """
+        error, self._forward_error = self._forward_error, None
+        if error is not None and self._deferred:
+            jobs, self._deferred = self._deferred, []
+            reason = "not stored: the forward step that was to write these blocks failed"
+            self._dropped.extend(JobResult(j.job_id, False, error=reason) for j in jobs)
+        return error
 
     def after_forward(self, ready: Any = None) -> None:
         jobs, self._deferred = self._deferred, []
         if jobs:
-            self.engine.submit(jobs, ready)
+            self._submit(jobs, ready)
 
     @property
     def has_deferred_jobs(self) -> bool:
@@ -176,6 +276,7 @@ class KvbmWorkerCore:
     def get_finished(
         self, finished_gen_req_ids: Iterable[int], started_loading_req_ids: Iterable[int]
     ) -> tuple[list[int], list[int]]:
+        self._apply_recoveries()
         self._collect(self._poll())
         with self._lock:
             self._saving.update(finished_gen_req_ids)
@@ -184,17 +285,64 @@ class KvbmWorkerCore:
             # the copy into its blocks is done: never a second time as loaded.
             self._loading -= self._saving
             done_saving = [r for r in self._saving if not self._gpu_jobs.get(r)]
-            done_loading = [r for r in self._loading if not self._load_jobs.get(r)]
-            if not self.is_recovery_supported:
-                done_loading = [r for r in done_loading if not self._failed_loads.get(r)]
+            self._loading -= self._abandoned
+            self._abandoned.clear()
+            done_loading = [
+                r for r in self._loading if not self._load_jobs.get(r) and r not in self._held_since
+            ]
             for request_id in done_saving:
                 self._saving.discard(request_id)
                 self._gpu_jobs.pop(request_id, None)
                 self._failed_loads.pop(request_id, None)
+                self._held_since.pop(request_id, None)
             for request_id in done_loading:
                 self._loading.discard(request_id)
                 self._load_jobs.pop(request_id, None)
+                self._failed_loads.pop(request_id, None)
+        self._check_held()
         return done_saving, done_loading
+
+    def _check_held(self) -> None:
+        timeout = self.config.leader_worker_init_timeout_secs
+        late = [r for r, t in self._held_since.items() if time.monotonic() - t > timeout]
+        if late:
+            raise TimeoutError(
+                f"kvbm worker {self.setup.rank}: loads of request(s) {late} failed and the "
+                f"leader decided nothing within {timeout:.0f} s; is rank 0's KvbmConnectorLeader "
+                "alive and on the same control channel?"
+            )
+
+    def _apply_recoveries(self) -> None:
+        from kvbm_discovery import LoadRecovery
+
+        for message in self.inbox.poll():
+            if not isinstance(message, LoadRecovery):
+                log.warning("kvbm worker %d: ignoring %s", self.setup.rank, type(message).__name__)
+                continue
+            request_id = message.request_id
+            if request_id not in self._held_since:
+                continue  # a stale or foreign decision: only a failed load waits for one
+            del self._held_since[request_id]
+            if message.jobs:
+                ids = tuple(job.job_id for job in message.jobs)
+                self._add_jobs(message.jobs, {request_id: ids}, {request_id: ids})
+            else:
+                self._failed_loads.pop(request_id, None)  # the engine recomputes it
+
+    def _fail_loads(self, request_ids: Iterable[int]) -> None:
+        with self._lock:
+            for request_id in request_ids:
+                self._held_since.pop(request_id, None)
+                blocks = self._failed_loads.pop(request_id, set())
+                if self.is_recovery_supported:
+                    self._load_errors.update(blocks)
+                    continue
+                self._abandoned.add(request_id)
+                self._forward_error = (
+                    f"kvbm: the KV of request {request_id} could not be loaded from any tier and "
+                    "this engine can neither recompute nor fail one request, so the forward step "
+                    "fails the batch rather than read KV that never arrived"
+                )
 
     def _poll(self) -> list[JobResult]:
         results = self.engine.poll()
@@ -209,12 +357,17 @@ class KvbmWorkerCore:
         from kvbm_discovery import Completions
 
         self.services.control.send_to_leader(Completions(self.setup.rank, tuple(results)))
+        released = []
         with self._lock:
             for result in results:
                 job = self._jobs.pop(result.job_id, None)
                 request_id = self._job_request.pop(result.job_id, None)
                 if job is None:
                     continue
+                records = self.records.get(job.dst)
+                if records is not None:
+                    records.complete_write(job, result.ok)
+                released.extend(self._release_chained(job, result.ok))
                 if not result.ok:
                     log.warning("kvbm worker %d: job %d (%s -> %s, %d blocks) failed: %s",
                                 self.setup.rank, job.job_id, job.src, job.dst, job.num_blocks,
@@ -226,26 +379,30 @@ class KvbmWorkerCore:
                     self._load_jobs.get(request_id, set()).discard(result.job_id)
                     if not result.ok:
                         self._on_failed_load(request_id, job)
+        self._submit(released)
+
+    def _release_chained(self, job: TransferJob, ok: bool) -> list[TransferJob]:
+        chained = self._chained.pop(job.job_id, [])
+        if ok:
+            return chained
+        error = f"not copied: job {job.job_id}, which writes its source, failed on this rank"
+        self._dropped.extend(JobResult(j.job_id, False, error=error) for j in chained)
+        return []
 
     def _on_failed_load(self, request_id: int, job: TransferJob) -> None:
-        self._load_errors.update(job.dst_ids)
-        # The engine recomputes from the failed block, so this iteration's forward pass will not
-        # write the blocks its stores were planned for: never copy them into a tier.
+        # The engine recomputes from the failed block (or fails the request), so this
+        # iteration's forward pass will not write the blocks its stores were planned for:
+        # never copy them into a tier.
         dropped = [j for j in self._deferred if self._job_request.get(j.job_id) == request_id]
         if dropped:
             self._deferred = [j for j in self._deferred if j not in dropped]
             error = "not stored: a load of the same request failed and is being recomputed"
             self._dropped.extend(JobResult(j.job_id, False, error=error) for j in dropped)
         self._failed_loads.setdefault(request_id, set()).update(job.dst_ids)
-        if not self.is_recovery_supported:
-            # Reporting the load finished would let the engine read KV that never arrived.
-            log.error(
-                "kvbm worker %d: load for request %d failed and this engine cannot recompute it; "
-                "the request stays parked rather than run on missing KV", self.setup.rank, request_id,
-            )
+        self._held_since.setdefault(request_id, time.monotonic())
 
     def take_load_errors(self) -> set[int]:
-        """GPU block ids whose load failed since the last call (engines that can recompute)."""
+        """GPU block ids whose load failed for good (engines with the load-error API)."""
         self.is_recovery_supported = True
         with self._lock:
             errors, self._load_errors = self._load_errors, set()
@@ -260,31 +417,18 @@ class KvbmWorkerCore:
             self._registration.close()
 
 
-def layout_from_pool(tensor: Any, tokens_per_block: int, head_dim: int | None) -> KvLayout:
-    """KvLayout of TensorRT-LLM's primary pool ``[blocks, layers, kv, heads*tokens*head_dim]``."""
-    shape = list(tensor.shape)
-    dtype = str(tensor.dtype).removeprefix("torch.")
-    inner = 1
-    for dim in shape[3:]:
-        inner *= dim
-    if head_dim is None:
-        # Tiers move whole blocks as bytes: heads x head_dim only needs to multiply out right.
-        head_dim = inner // tokens_per_block
-    return KvLayout.from_pool_shape(shape, tokens_per_block, head_dim, dtype)
+def all_gather(value: Any) -> list[Any]:
+    """``value`` from every rank: TensorRT-LLM's MPI helper where present, else torch's."""
+    try:
+        from tensorrt_llm._utils import mpi_allgather  # type: ignore[import-not-found]
 
+        return list(mpi_allgather(value))
+    except ImportError:
+        pass
+    import torch.distributed as dist
 
-def layout_from_layers(tensors: Sequence[Any], tokens_per_block: int, head_dim: int | None) -> KvLayout:
-    """KvLayout of per-layer pools ``[blocks, kv, heads*tokens*head_dim]`` (layer-separate)."""
-    first = tensors[0]
-    shape = [first.shape[0], len(tensors), *first.shape[1:]]
-    layout = layout_from_pool(_Shaped(shape, first.dtype), tokens_per_block, head_dim)
-    return KvLayout(
-        layout.num_layers, layout.tokens_per_block, layout.num_kv_heads, layout.head_dim,
-        layout.dtype, layout.kv_factor, LayoutKind.LAYER_SEPARATE,
-    )
-
-
-@dataclass
-class _Shaped:
-    shape: list[int]
-    dtype: Any
+    if not (dist.is_available() and dist.is_initialized()):
+        return [value]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
