@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 
 from kvbm_trtllm.commands.doctor import FAIL, OK, run_checks
@@ -102,3 +103,38 @@ def test_no_tiers_configured_is_a_warning_not_a_failure(kvbm):
     assert result.code == 0
     check = _by_name(run_checks())["config"]
     assert check.status == "warn" and "KVBM_CPU_CACHE_GB" in check.fix
+
+
+def test_doctor_never_writes_through_planted_links(monkeypatch, tmp_path):
+    # S5: links planted at the probe names an older doctor used (.kvbm-probe-<pid>,
+    # .kvbm-doctor-<pid>) must not be written through; the targets stay as they were.
+    cache = tmp_path / "cache"
+    cache.mkdir(mode=0o700)
+    victims = {}
+    for name in (f".kvbm-probe-{os.getpid()}", f".kvbm-doctor-{os.getpid()}"):
+        victim = tmp_path / f"victim{name}"
+        victim.write_bytes(bytes(range(256)) * 64)
+        (cache / name).symlink_to(victim)
+        victims[victim] = victim.read_bytes()
+    monkeypatch.setenv("KVBM_CPU_CACHE_GB", "0.5")
+    monkeypatch.setenv("KVBM_DISK_CACHE_GB", "0.01")
+    monkeypatch.setenv("KVBM_DISK_CACHE_DIR", str(cache))
+    checks = _by_name(run_checks())
+    assert checks["disk directory"].status == OK
+    assert checks["O_DIRECT"].status in (OK, "warn")
+    for victim, data in victims.items():
+        assert victim.read_bytes() == data
+    assert sorted(p.name for p in cache.iterdir()) == sorted(
+        (f".kvbm-probe-{os.getpid()}", f".kvbm-doctor-{os.getpid()}")
+    )
+
+
+def test_doctor_refuses_a_cache_directory_writable_by_others(monkeypatch, tmp_path):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    os.chmod(cache, 0o777)
+    monkeypatch.setenv("KVBM_CPU_CACHE_GB", "0.5")
+    monkeypatch.setenv("KVBM_DISK_CACHE_GB", "0.01")
+    monkeypatch.setenv("KVBM_DISK_CACHE_DIR", str(cache))
+    check = _by_name(run_checks())["disk directory"]
+    assert check.status == FAIL and "mode 0777" in check.detail and "chmod go-w" in check.detail

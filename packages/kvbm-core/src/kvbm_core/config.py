@@ -5,7 +5,8 @@ Operations (any process):
   ``DYN_KVBM_<NAME>`` (``KVBM_`` wins when both are set), then apply ``overrides``.
 - ``KvbmConfig.from_mapping(values)``: keys are field names (``cpu_cache_gb``) or variable
   names with or without a prefix (``CPU_CACHE_GB``, ``DYN_KVBM_CPU_CACHE_GB``).
-- ``config.check_disk_dir()``: the disk directory is creatable and writable.
+- ``config.check_disk_dir()``: the disk directory is creatable, writable and private (see
+  :mod:`kvbm_core.private_dir`). The default directory is per user, never a shared path.
 - ``config.num_cpu_blocks(bytes_per_block)`` / ``num_disk_blocks(...)``: tier sizes in blocks;
   an ``*_OVERRIDE_NUM_BLOCKS`` wins over the size in GB.
 
@@ -15,21 +16,19 @@ Every bad value raises :class:`ConfigError` naming the variable, the value and w
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
+
+from kvbm_core.errors import ConfigError
+from kvbm_core.private_dir import default_cache_dir, ensure_private_dir
 
 __all__ = ["ConfigError", "KvbmConfig", "ENV_PREFIXES"]
 
 ENV_PREFIXES = ("KVBM_", "DYN_KVBM_")
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
-
-
-class ConfigError(ValueError):
-    pass
 
 
 def _fail(name: str, value: Any, accepted: str) -> ConfigError:
@@ -111,7 +110,7 @@ def _parse_optional_text(name: str, value: Any) -> str | None:
 class KvbmConfig:
     cpu_cache_gb: float = 0.0
     disk_cache_gb: float = 0.0
-    disk_cache_dir: str = field(default_factory=lambda: str(Path(tempfile.gettempdir()) / "kvbm"))
+    disk_cache_dir: str = field(default_factory=default_cache_dir)
     cpu_cache_override_num_blocks: int | None = None
     disk_cache_override_num_blocks: int | None = None
     leader_worker_init_timeout_secs: float = 1800.0
@@ -170,27 +169,8 @@ class KvbmConfig:
         return int(self.disk_cache_gb * 1e9 // bytes_per_block)
 
     def check_disk_dir(self) -> Path:
-        """Create the disk directory (0700) if needed and prove it writable."""
-        path = Path(self.disk_cache_dir)
-        try:
-            path.mkdir(mode=0o700, parents=True, exist_ok=True)
-        except OSError as exc:
-            raise ConfigError(
-                f"KVBM_DISK_CACHE_DIR={str(path)!r} cannot be created ({exc.strerror}); "
-                "point it at a writable directory on a local disk"
-            ) from None
-        if not path.is_dir():
-            raise ConfigError(f"KVBM_DISK_CACHE_DIR={str(path)!r} exists but is not a directory")
-        probe = path / f".kvbm-probe-{os.getpid()}"
-        try:
-            probe.write_bytes(b"x")
-            probe.unlink()
-        except OSError as exc:
-            raise ConfigError(
-                f"KVBM_DISK_CACHE_DIR={str(path)!r} is not writable ({exc.strerror}); "
-                "point it at a writable directory on a local disk"
-            ) from None
-        return path
+        """Create the disk directory (0700) if needed; prove it private and writable."""
+        return ensure_private_dir(Path(self.disk_cache_dir))
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> KvbmConfig:

@@ -21,6 +21,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from kvbm_core.config import ConfigError, KvbmConfig
+from kvbm_core.private_dir import open_probe
 from kvbm_trtllm.commands.common import format_table
 
 __all__ = ["Check", "OK", "WARN", "FAIL", "run_checks", "add_parser", "run"]
@@ -211,10 +212,11 @@ def _check_o_direct(path: Path, is_disabled: bool) -> Check:
         return Check("O_DIRECT", OK, "off (KVBM_DISK_DISABLE_O_DIRECT): buffered I/O through the page cache")
     if not hasattr(os, "O_DIRECT"):
         return Check("O_DIRECT", WARN, "this OS has no O_DIRECT: buffered I/O", "")
-    probe = path / f".kvbm-doctor-{os.getpid()}"
     buffer = mmap.mmap(-1, 4096)  # page-aligned, as O_DIRECT needs
+    probe = None
     try:
-        fd = os.open(probe, os.O_CREAT | os.O_WRONLY | os.O_DIRECT, 0o600)
+        # A new file under an unguessable name: nothing planted there is written through.
+        fd, probe = open_probe(path, ".kvbm-doctor-", os.O_DIRECT)
         try:
             os.write(fd, buffer)
         finally:
@@ -225,7 +227,8 @@ def _check_o_direct(path: Path, is_disabled: bool) -> Check:
                      "for steady throughput, or set KVBM_DISK_DISABLE_O_DIRECT=1 to silence this")
     finally:
         buffer.close()
-        probe.unlink(missing_ok=True)
+        if probe is not None:
+            probe.unlink(missing_ok=True)
     return Check("O_DIRECT", OK, f"supported in {path}")
 
 
