@@ -46,7 +46,7 @@ def test_disk_dir_under_a_regular_file_fails_with_the_fix(kvbm, monkeypatch, tmp
 
 def test_disk_tier_larger_than_free_space_fails(monkeypatch, tmp_path):
     monkeypatch.setenv("KVBM_CPU_CACHE_GB", "0.5")
-    monkeypatch.setenv("KVBM_DISK_CACHE_GB", "1e9")  # an exabyte
+    monkeypatch.setenv("KVBM_DISK_CACHE_GB", "9e5")  # 0.9 PB
     monkeypatch.setenv("KVBM_DISK_CACHE_DIR", str(tmp_path))
     check = _by_name(run_checks())["disk space"]
     assert check.status == FAIL and "KVBM_DISK_CACHE_GB" in check.fix
