@@ -67,6 +67,8 @@ def ensure_private_dir(path: Path, var: str = "KVBM_DISK_CACHE_DIR") -> Path:
     """``path``, created 0700 if missing, once it is proven private and writable."""
     try:
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except FileExistsError:
+        pass  # not a directory (or a dangling link): said below
     except OSError as exc:
         raise ConfigError(
             f"{var}={str(path)!r} cannot be created ({exc.strerror}); point it at a writable "
