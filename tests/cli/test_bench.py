@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -77,13 +78,36 @@ def test_bench_host_tier_only_with_a_progress_bar(kvbm, tmp_path):
         (["--sessions", "0"], "--sessions 0 must be"),
         (["--device", "tpu"], "--device 'tpu' is unknown"),
         (["--cpu-cache-gb", "-1"], "--cpu-cache-gb -1.0 must be"),
+        (["--tiers", ""], "--tiers names no tier"),
+        (["--tiers", "cpu,disk", "--disk-blocks", "0"], "--disk-blocks 0: the disk tier needs at least one block"),
+        (["--cpu-blocks", "0"], "--cpu-blocks 0: the cpu tier needs at least one block"),
+        (["--cpu-cache-gb", "0.0000001"], "KVBM_CPU_CACHE_GB=1e-07 is smaller than one block"),
+        (["--cpu-cache-gb", "900000"], "GB is available; lower KVBM_CPU_CACHE_GB"),
     ],
 )
 def test_bench_rejects_bad_options(kvbm, tmp_path, args, expected):
     result = kvbm("bench", "--model", "tiny", "--no-progress", "-o", tmp_path, *args)
     assert result.code == 2
     assert expected in result.err
+    assert "Traceback" not in result.err and len(result.err.strip().splitlines()) == 1
+    assert "without kvbm" not in result.out  # refused before the baseline run
     assert not (tmp_path / "bench.json").exists()
+
+
+@pytest.mark.parametrize("problem", ["a file", "writable by others"])
+def test_bench_checks_the_disk_dir_before_the_baseline(kvbm, tmp_path, problem):
+    disk_dir = tmp_path / "disk"
+    if problem == "a file":
+        disk_dir.write_text("x")
+        expected = "is not a directory"
+    else:
+        disk_dir.mkdir()
+        os.chmod(disk_dir, 0o777)
+        expected = "mode 0777, writable by other users"
+    result = kvbm("bench", "--model", "tiny", "--no-progress", "-o", tmp_path / "out",
+                  "--disk-dir", disk_dir)
+    assert result.code == 2 and expected in result.err and "--disk-dir" in result.err
+    assert "without kvbm" not in result.out
 
 
 def test_bench_rejects_an_output_path_that_is_a_file(kvbm, tmp_path):

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import re
 import socket
 
+import pytest
+
+from kvbm_core.config import ConfigError, KvbmConfig
 from kvbm_trtllm.commands.doctor import FAIL, OK, run_checks
 
 
@@ -45,7 +50,7 @@ def test_disk_dir_under_a_regular_file_fails_with_the_fix(kvbm, monkeypatch, tmp
 
 def test_disk_tier_larger_than_free_space_fails(monkeypatch, tmp_path):
     monkeypatch.setenv("KVBM_CPU_CACHE_GB", "0.5")
-    monkeypatch.setenv("KVBM_DISK_CACHE_GB", "1e9")  # an exabyte
+    monkeypatch.setenv("KVBM_DISK_CACHE_GB", "9e5")  # 0.9 PB
     monkeypatch.setenv("KVBM_DISK_CACHE_DIR", str(tmp_path))
     check = _by_name(run_checks())["disk space"]
     assert check.status == FAIL and "KVBM_DISK_CACHE_GB" in check.fix
@@ -102,3 +107,110 @@ def test_no_tiers_configured_is_a_warning_not_a_failure(kvbm):
     assert result.code == 0
     check = _by_name(run_checks())["config"]
     assert check.status == "warn" and "KVBM_CPU_CACHE_GB" in check.fix
+
+
+def test_doctor_never_writes_through_planted_links(monkeypatch, tmp_path):
+    # S5: links planted at the probe names an older doctor used (.kvbm-probe-<pid>,
+    # .kvbm-doctor-<pid>) must not be written through; the targets stay as they were.
+    cache = tmp_path / "cache"
+    cache.mkdir(mode=0o700)
+    victims = {}
+    for name in (f".kvbm-probe-{os.getpid()}", f".kvbm-doctor-{os.getpid()}"):
+        victim = tmp_path / f"victim{name}"
+        victim.write_bytes(bytes(range(256)) * 64)
+        (cache / name).symlink_to(victim)
+        victims[victim] = victim.read_bytes()
+    monkeypatch.setenv("KVBM_CPU_CACHE_GB", "0.5")
+    monkeypatch.setenv("KVBM_DISK_CACHE_GB", "0.01")
+    monkeypatch.setenv("KVBM_DISK_CACHE_DIR", str(cache))
+    checks = _by_name(run_checks())
+    assert checks["disk directory"].status == OK
+    assert checks["O_DIRECT"].status in (OK, "warn")
+    for victim, data in victims.items():
+        assert victim.read_bytes() == data
+    assert sorted(p.name for p in cache.iterdir()) == sorted(
+        (f".kvbm-probe-{os.getpid()}", f".kvbm-doctor-{os.getpid()}")
+    )
+
+
+def test_doctor_refuses_a_cache_directory_writable_by_others(monkeypatch, tmp_path):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    os.chmod(cache, 0o777)
+    monkeypatch.setenv("KVBM_CPU_CACHE_GB", "0.5")
+    monkeypatch.setenv("KVBM_DISK_CACHE_GB", "0.01")
+    monkeypatch.setenv("KVBM_DISK_CACHE_DIR", str(cache))
+    check = _by_name(run_checks())["disk directory"]
+    assert check.status == FAIL and "mode 0777" in check.detail and "chmod go-w" in check.detail
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "expected"),
+    [
+        ("KVBM_NAMESPACE", "my ns.prod", "letters, digits, '_' or '-'"),
+        ("KVBM_ETCD_ENDPOINTS", ",,,", "host:port"),
+        ("KVBM_CPU_CACHE_GB", "1e30", "<= 1000000 (1 PB)"),
+    ],
+)
+def test_doctor_refuses_config_the_engine_refuses(kvbm, monkeypatch, name, value, expected):
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        KvbmConfig.from_env()  # what the connector runs at start
+    check = _by_name(run_checks())["config"]
+    assert check.status == FAIL and name in check.detail and expected in check.detail
+    assert kvbm("doctor").code == 1
+
+
+def test_doctor_refuses_an_unparseable_etcd_endpoint(monkeypatch):
+    monkeypatch.setenv("KVBM_CPU_CACHE_GB", "0.5")
+    monkeypatch.setenv("KVBM_DISCOVERY", "etcd")
+    monkeypatch.setenv("KVBM_ETCD_ENDPOINTS", "ftp://x:1")
+    check = _by_name(run_checks())["etcd"]
+    assert check.status == FAIL and "'ftp://x:1' is invalid" in check.detail
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "expected"),
+    [
+        ("KVBM_DISK_BACKEND", "bogus", "KVBM_DISK_BACKEND='bogus' is invalid"),
+        ("KVBM_CPU_PIN_THREADS", "0", "KVBM_CPU_PIN_THREADS='0' is invalid"),
+        ("KVBM_CPU_STAGING_MIB", "1e99", "KVBM_CPU_STAGING_MIB='1e99' is invalid"),
+    ],
+)
+def test_doctor_refuses_bad_tier_options(monkeypatch, tmp_path, name, value, expected):
+    monkeypatch.setenv("KVBM_CPU_CACHE_GB", "0.5")
+    monkeypatch.setenv("KVBM_DISK_CACHE_GB", "0.01")
+    monkeypatch.setenv("KVBM_DISK_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv(name, value)
+    check = _by_name(run_checks())["tier options"]
+    assert check.status == FAIL and expected in check.detail
+
+
+def test_doctor_warns_about_near_miss_names(monkeypatch):
+    monkeypatch.setenv("KVBM_CPU_CACHE_GIB", "4")
+    checks = [c for c in run_checks() if "KVBM_CPU_CACHE_GIB" in c.detail]
+    assert [(c.status, c.fix) for c in checks] == [("warn", "rename it to KVBM_CPU_CACHE_GB")]
+
+
+def test_doctor_finds_nixl_as_the_disk_tier_does(monkeypatch, tmp_path):
+    from kvbm_tiers_disk.nixl_io import nixl_module_name
+
+    monkeypatch.setenv("KVBM_CPU_CACHE_GB", "0.5")
+    monkeypatch.setenv("KVBM_DISK_CACHE_GB", "0.01")
+    monkeypatch.setenv("KVBM_DISK_CACHE_DIR", str(tmp_path / "cache"))
+    check = _by_name(run_checks())["NIXL"]
+    name = nixl_module_name()
+    if name is None:
+        assert check.status == "warn" and "not installed" in check.detail
+    else:
+        assert check.status == OK and name in check.detail and "the disk tier uses it" in check.detail
+        assert "not installed" not in check.detail
+
+
+def test_doctor_says_gds_is_unavailable_without_a_gpu():
+    import torch
+
+    check = _by_name(run_checks())["GDS (cuFile)"]
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    assert check.status == "warn" and "no CUDA GPU" in check.detail and check.status != OK

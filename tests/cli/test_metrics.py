@@ -4,6 +4,8 @@ live kvbm leader checked against the reference executor's own counts."""
 from __future__ import annotations
 
 import socket
+import threading
+import urllib.error
 import urllib.request
 
 import pytest
@@ -131,3 +133,41 @@ def test_scrape_of_a_live_leader_matches_the_executors_counts():
     assert scraped["kvbm_onboard_latency_seconds_count"] > 0
     # The bench's own numbers come from the same stats.
     assert outcome.stats["matched_tokens"] == scraped["kvbm_matched_tokens"]
+
+
+def test_half_open_connections_hold_no_threads_and_scrapes_still_work(server_for):
+    stats = KvbmStats()
+    stats.add("offload_blocks_d2h", 3)
+    server = server_for(stats)
+    threads_before = threading.active_count()
+    clients = []
+    try:
+        for _ in range(300):  # each sends half a request and then nothing
+            sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+            sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
+            clients.append(sock)
+        assert threading.active_count() <= threads_before + 2  # the server's worker pool
+        assert scrape(server.url)["kvbm_offload_blocks_d2h"] == 3
+        assert threading.active_count() <= threads_before + 2
+    finally:
+        for sock in clients:
+            sock.close()
+    assert scrape(server.url)["kvbm_offload_blocks_d2h"] == 3
+
+
+def test_the_listen_address_comes_from_kvbm_metrics_host(monkeypatch):
+    monkeypatch.setenv("KVBM_METRICS_HOST", "127.0.0.1")
+    server = start_metrics_server(KvbmStats(), 0)
+    try:
+        assert server.addr == "127.0.0.1" and server.url.startswith("http://127.0.0.1:")
+        assert "kvbm_requests" in scrape(server.url)
+    finally:
+        server.close()
+
+
+def test_an_unknown_path_is_404_and_the_server_keeps_serving(server_for):
+    server = server_for(KvbmStats())
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        urllib.request.urlopen(server.url.replace("/metrics", "/nope"), timeout=5)
+    assert caught.value.code == 404
+    assert "kvbm_requests" in scrape(server.url)

@@ -58,10 +58,25 @@ def test_a_blocked_plugin_contributes_nothing() -> None:
 
 
 def test_missing_required_tier_names_it() -> None:
-    pm = get_plugin_manager(blocked=["example"])
+    pm = get_plugin_manager()
     with pytest.raises(
-        PluginNotFoundError, match=r"tier plugin\(s\) 'mmap' configured but not installed"
+        PluginNotFoundError, match=r"tier plugin\(s\) 'nvme-of' configured but not installed"
     ):
+        load_tier_specs(pm, required=["nvme-of"])
+
+
+def test_a_tier_of_a_disabled_plugin_says_disabled_not_missing() -> None:
+    pm = get_plugin_manager(blocked=["cpu"])
+    with pytest.raises(PluginNotFoundError) as caught:
+        load_tier_specs(pm, required=["cpu"])
+    message = str(caught.value)
+    assert "disabled by KVBM_DISABLED_PLUGINS" in message and "not installed" not in message
+    assert "'cpu'" in message and "remove them from KVBM_DISABLED_PLUGINS" in message
+
+
+def test_a_missing_tier_mentions_what_is_disabled() -> None:
+    pm = get_plugin_manager(blocked=["example"])
+    with pytest.raises(PluginNotFoundError, match=r"disables 'example', which may provide it"):
         load_tier_specs(pm, required=["mmap"])
 
 

@@ -5,7 +5,8 @@ Operations (any process):
   ``kvbm`` entry point registered under its entry-point name, except the blocked ones. An
   entry point that fails to load raises :class:`PluginLoadError` naming it and how to block it.
 - ``load_tier_specs(pm, required=())``: tier specs by name; a required tier that no plugin
-  provides raises :class:`PluginNotFoundError` naming it.
+  provides raises :class:`PluginNotFoundError` naming it (and, when plugins were blocked,
+  saying that ``KVBM_DISABLED_PLUGINS`` disabled them rather than that they are missing).
 - ``load_discovery_backend(pm, name)``: the backend spec called ``name``, or the same error.
 - ``plugin_distributions(pm)``: which distribution and version each plugin came from.
 """
@@ -131,13 +132,32 @@ def _collect(pm: pluggy.PluginManager, hook_name: str) -> dict[str, tuple[str, A
 def load_tier_specs(pm: pluggy.PluginManager, required: Iterable[str] = ()) -> dict[str, TierSpec]:
     specs = {name: spec for name, (_, spec) in _collect(pm, "kvbm_tier_specs").items()}
     missing = [name for name in required if name not in specs]
+    blocked = _blocked_plugins(pm)
+    disabled = [name for name in missing if name in blocked]
+    if disabled:
+        raise PluginNotFoundError(
+            f"tier(s) {', '.join(map(repr, disabled))} configured, but plugin(s) of that name "
+            "are installed and disabled by KVBM_DISABLED_PLUGINS; remove them from "
+            "KVBM_DISABLED_PLUGINS or turn the tier off"
+        )
     if missing:
+        also = (
+            f" KVBM_DISABLED_PLUGINS disables {', '.join(map(repr, blocked))}, which may provide it."
+            if blocked
+            else ""
+        )
         raise PluginNotFoundError(
             f"tier plugin(s) {', '.join(map(repr, missing))} configured but not installed; "
             f"found: {sorted(specs) or 'none'}. Install the package that provides it "
-            f"(e.g. kvbm-tiers-{missing[0]}) or remove it from the config."
+            f"(e.g. kvbm-tiers-{missing[0]}) or remove it from the config.{also}"
         )
     return dict(sorted(specs.items(), key=lambda item: item[1].level))
+
+
+def _blocked_plugins(pm: pluggy.PluginManager) -> list[str]:
+    """Installed plugins that ``get_plugin_manager(blocked=...)`` kept out."""
+    names = {ep.name for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)}
+    return sorted(name for name in names if pm.is_blocked(name))
 
 
 def load_discovery_backend(pm: pluggy.PluginManager, name: str) -> DiscoveryBackendSpec:

@@ -27,8 +27,9 @@ from kvbm_core.transfer import CPU, GPU, DevicePool, Storage, TransferHandler
 from kvbm_tiers_cpu.handlers import DEFAULT_STAGING_BYTES, GpuToHostHandler, HostToGpuHandler
 from kvbm_tiers_cpu.storage import PinnedHostStorage
 
-__all__ = ["kvbm_tier_specs", "make_storage", "make_handlers", "tier_option"]
+__all__ = ["kvbm_tier_specs", "make_storage", "make_handlers", "tier_option", "check_options"]
 
+_MAX_OPTION = 1 << 20  # MiB or threads: far above any machine, far below an overflow
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
@@ -49,8 +50,10 @@ def _positive_int(name: str, value: Any) -> int:
         number = int(str(value).strip())
     except ValueError:
         number = 0
-    if number <= 0:
-        raise ConfigError(f"{name}={value!r} is invalid: expected a whole number > 0")
+    if not 0 < number <= _MAX_OPTION:
+        raise ConfigError(
+            f"{name}={value!r} is invalid: expected a whole number > 0 and <= {_MAX_OPTION}"
+        )
     return number
 
 
@@ -72,17 +75,32 @@ def _auto_flag(name: str, value: Any) -> bool | None:
         raise ConfigError(f"{name}={value!r} is invalid: expected auto, true or false") from None
 
 
+def check_options(ctx: TierContext) -> dict[str, Any]:
+    """Every tuning option, parsed (``ConfigError`` naming a bad one): what ``make_storage``
+    and ``make_handlers`` use, and what ``kvbm doctor`` checks."""
+    return {
+        "pin_threads": tier_option(ctx, "cpu_pin_threads", 8, _positive_int),
+        "pin_chunk_bytes": tier_option(ctx, "cpu_pin_chunk_mib", 1024, _positive_int) << 20,
+        "huge_pages": tier_option(ctx, "cpu_huge_pages", True, _flag),
+        "staging_bytes": tier_option(
+            ctx, "cpu_staging_mib", DEFAULT_STAGING_BYTES >> 20, _positive_int
+        ) << 20,
+        "zero_copy": tier_option(ctx, "cpu_zero_copy", None, _auto_flag),
+    }
+
+
 def make_storage(ctx: TierContext) -> PinnedHostStorage:
     timeout = ctx.config.leader_worker_init_timeout_secs if ctx.config is not None else 1800.0
+    options = check_options(ctx)
     return PinnedHostStorage(
         ctx.layout,
         ctx.num_slots,
         pin=str(ctx.device).startswith("cuda"),
         rank=ctx.rank,
         init_timeout_s=timeout,
-        pin_threads=tier_option(ctx, "cpu_pin_threads", 8, _positive_int),
-        pin_chunk_bytes=tier_option(ctx, "cpu_pin_chunk_mib", 1024, _positive_int) << 20,
-        huge_pages=tier_option(ctx, "cpu_huge_pages", True, _flag),
+        pin_threads=options["pin_threads"],
+        pin_chunk_bytes=options["pin_chunk_bytes"],
+        huge_pages=options["huge_pages"],
     )
 
 
@@ -94,8 +112,8 @@ def make_handlers(storages: Mapping[str, Storage], ctx: TierContext) -> list[Tra
         raise TypeError(
             f"storages['cpu'] must be the cpu tier's PinnedHostStorage, got {type(host).__name__}"
         )
-    staging_bytes = tier_option(ctx, "cpu_staging_mib", DEFAULT_STAGING_BYTES >> 20, _positive_int) << 20
-    zero_copy = tier_option(ctx, "cpu_zero_copy", None, _auto_flag)
+    options = check_options(ctx)
+    staging_bytes, zero_copy = options["staging_bytes"], options["zero_copy"]
     return [
         GpuToHostHandler(pool, host, staging_bytes=staging_bytes, zero_copy=zero_copy),
         HostToGpuHandler(pool, host, staging_bytes=staging_bytes, zero_copy=zero_copy),

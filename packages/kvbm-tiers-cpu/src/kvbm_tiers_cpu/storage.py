@@ -1,7 +1,8 @@
 """G2 storage: one rank's pinned host buffer, carved into block slots.
 
 Runs in each worker process. Operations:
-- ``PinnedHostStorage(layout, num_slots, ...)``: maps ``num_slots * layout.bytes_per_block``
+- ``PinnedHostStorage(layout, num_slots, ...)``: checks the bytes fit in the available host
+  memory (``ConfigError`` naming ``KVBM_CPU_CACHE_GB`` and both amounts otherwise), maps ``num_slots * layout.bytes_per_block``
   bytes at once and, where a GPU is used, starts pinning them in the background (page-locking
   tens of GB takes about 0.6 s per GiB, so it must not hold up start-up). Returns at once.
 - ``host_view()``: the ``[num_slots, bytes_per_block]`` uint8 numpy view; usable at once (the
@@ -34,6 +35,7 @@ import torch
 
 from kvbm_core.layout import KvLayout
 from kvbm_core.transfer import CPU, Storage
+from kvbm_tiers_cpu.memory import available_memory_bytes, check_host_memory, too_big_error
 
 __all__ = ["HostMemoryError", "PinnedHostStorage"]
 
@@ -78,7 +80,11 @@ class PinnedHostStorage(Storage):
         self.is_pinned_memory = torch.cuda.is_available() if pin is None else pin
         self.init_timeout_s = init_timeout_s
         self._started_at = time.monotonic()
-        self._mm = mmap.mmap(-1, self.num_bytes)  # page-aligned, zero pages on first touch
+        check_host_memory(self.num_bytes, rank)  # a clear error, not ENOMEM or the OOM killer
+        try:
+            self._mm = mmap.mmap(-1, self.num_bytes)  # page-aligned, zero pages on first touch
+        except OSError:
+            raise too_big_error(self.num_bytes, rank, available_memory_bytes()) from None
         if huge_pages and hasattr(mmap, "MADV_HUGEPAGE"):
             self._mm.madvise(mmap.MADV_HUGEPAGE)  # fewer pages to fault in and pin
         self._array: np.ndarray | None = np.frombuffer(self._mm, dtype=np.uint8).reshape(

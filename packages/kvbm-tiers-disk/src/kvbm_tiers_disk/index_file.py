@@ -6,7 +6,8 @@ Operations (worker process):
   either the old file or the new one, never a mix.
 - ``read_index(path, fingerprint)``: the entries, or ``None`` with the reason logged when the
   file is missing, torn, truncated, damaged, of another format version or of another layout.
-  Nothing in a rejected file is trusted.
+  Nothing in a rejected file is trusted. A file another user could have changed (not ours,
+  writable by others, a symbolic or hard link) is refused with ``ConfigError``.
 
 File (little endian)::
 
@@ -32,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import xxhash
 
+from kvbm_core.private_dir import open_private_file
 from kvbm_tiers_disk.slot_format import FORMAT_VERSION
 
 __all__ = ["IndexEntries", "write_index", "read_index", "ENTRY_DTYPE"]
@@ -60,7 +62,8 @@ def write_index(path: Path, fingerprint: int, entries: IndexEntries) -> None:
     data = encode_index(fingerprint, entries)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        tmp.unlink(missing_ok=True)  # O_EXCL: never write through a link left at that name
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         try:
             view = memoryview(data)
             while view:
@@ -108,9 +111,18 @@ def decode_index(data: bytes, fingerprint: int) -> IndexEntries:
     return {int(s): (int(h), int(c)) for s, h, c in table.tolist()}
 
 
+def _read_private(path: Path) -> bytes:
+    fd = open_private_file(path, os.O_RDONLY)
+    try:
+        with os.fdopen(fd, "rb", closefd=False) as file:
+            return file.read()
+    finally:
+        os.close(fd)
+
+
 def read_index(path: Path, fingerprint: int) -> IndexEntries | None:
     try:
-        data = path.read_bytes()
+        data = _read_private(path)
     except FileNotFoundError:
         return None
     except OSError as exc:

@@ -3,7 +3,10 @@
 Runs in each worker process, called by the NIXL host <-> disk handlers (one thread at a time
 per ``NixlFileIo``). Operations:
 - ``load_nixl()``: NIXL's Python API module, or ``None`` when no NIXL wheel is importable
-  (``nixl``, ``nixl-cu13`` or ``nixl-cu12``).
+  (``nixl``, ``nixl-cu13`` or ``nixl-cu12``). NIXL logs every agent and backend it creates
+  at INFO level to stdout, into the engine's log and ``kvbm bench``'s output; unless the user
+  set ``NIXL_LOG_LEVEL``, kvbm sets it to ``WARN`` before the first import.
+- ``nixl_module_name()``: which of those wheels ``load_nixl`` imports, or ``None``.
 - ``NixlFileIo(name, fd, file_bytes, staging)``: an agent with only the POSIX backend (no
   network backend, so it works on a machine without a GPU or NIC), the file registered as
   ``FILE`` memory and the staging buffer as ``DRAM``, each once for the agent's life.
@@ -17,6 +20,7 @@ per ``NixlFileIo``). Operations:
 from __future__ import annotations
 
 import importlib
+import os
 from types import ModuleType
 from typing import Any
 
@@ -24,7 +28,14 @@ import numpy as np
 
 from kvbm_core.config import ConfigError
 
-__all__ = ["NixlFileIo", "NixlIoError", "load_nixl", "NIXL_MODULES", "INSTALL_HINT"]
+__all__ = [
+    "NixlFileIo",
+    "NixlIoError",
+    "load_nixl",
+    "nixl_module_name",
+    "NIXL_MODULES",
+    "INSTALL_HINT",
+]
 
 # The meta package ``nixl`` picks a CUDA variant; the variant wheels import under their own names.
 NIXL_MODULES = ("nixl", "nixl_cu13", "nixl_cu12")
@@ -40,11 +51,19 @@ class NixlIoError(Exception):
 
 
 def load_nixl() -> ModuleType | None:
+    name = nixl_module_name()
+    return None if name is None else importlib.import_module(f"{name}._api")
+
+
+def nixl_module_name() -> str | None:
+    # NIXL reads its level when its logging is first configured, at import.
+    os.environ.setdefault("NIXL_LOG_LEVEL", "WARN")
     for name in NIXL_MODULES:
         try:
-            return importlib.import_module(f"{name}._api")
+            importlib.import_module(f"{name}._api")
         except ImportError:
             continue
+        return name
     return None
 
 

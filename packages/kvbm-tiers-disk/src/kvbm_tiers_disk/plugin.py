@@ -10,7 +10,8 @@ per direction, default 16), ``disk_io_depth`` (cap on I/O syscalls in flight, de
 ``disk_index_flush_secs`` (default 1: a stored block is in the index within a second), ``disk_verify_on_open``
 (check each persisted slot's header at start, default true), ``disk_backend`` (host <-> disk
 I/O: ``auto`` = NIXL when importable else threads, ``nixl``, ``threads``; also env
-``KVBM_DISK_BACKEND``; GPU <-> disk always uses threads).
+``KVBM_DISK_BACKEND``; GPU <-> disk always uses threads). ``check_options(ctx)`` checks them
+all (what ``make_storage`` does first, and what ``kvbm doctor`` runs).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ __all__ = [
     "tier_option",
     "disk_backend",
     "requested_backend",
+    "check_options",
 ]
 
 log = logging.getLogger(__name__)
@@ -85,24 +87,42 @@ def disk_backend(ctx: TierContext) -> str:
     return choice
 
 
+_MAX_OPTION = 1_000_000  # far above any sane thread count or interval; no timer overflows
+
+
 def _option(ctx: TierContext, name: str, default: float, kind: type) -> float:
     value = ctx.options.get(name, default)
     try:
         number = kind(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         number = None
-    if number is None or number <= 0:
-        raise ConfigError(f"tier option {name}={value!r} is invalid: expected a number > 0")
+    if number is None or not 0 < number <= _MAX_OPTION:
+        raise ConfigError(
+            f"tier option {name}={value!r} is invalid: expected a number > 0 and <= {_MAX_OPTION}"
+        )
     return number
+
+
+def _verify_on_open(ctx: TierContext) -> bool:
+    verify = ctx.options.get("disk_verify_on_open", True)
+    if not isinstance(verify, bool):
+        raise ConfigError(f"tier option disk_verify_on_open={verify!r} is invalid: expected a bool")
+    return verify
+
+
+def check_options(ctx: TierContext) -> str:
+    """Check every option the disk tier reads (``ConfigError`` naming a bad one), as
+    ``make_storage`` does at start; the host <-> disk backend it will use."""
+    _option(ctx, "disk_io_threads", DEFAULT_IO_THREADS, int)
+    _option(ctx, "disk_index_flush_secs", 5.0, float)
+    _verify_on_open(ctx)
+    _io_depth(ctx)
+    return disk_backend(ctx)
 
 
 def make_storage(ctx: TierContext) -> DiskStorage:
     config = ctx.config or KvbmConfig()
-    _option(ctx, "disk_io_threads", DEFAULT_IO_THREADS, int)  # fail at start, not at handlers
-    disk_backend(ctx)
-    verify = ctx.options.get("disk_verify_on_open", True)
-    if not isinstance(verify, bool):
-        raise ConfigError(f"tier option disk_verify_on_open={verify!r} is invalid: expected a bool")
+    check_options(ctx)  # fail at start, not when the handlers are made
     return DiskStorage(
         ctx.layout,
         ctx.num_slots,
@@ -111,7 +131,7 @@ def make_storage(ctx: TierContext) -> DiskStorage:
         world_size=ctx.world_size,
         use_o_direct=not config.disk_disable_o_direct,
         index_flush_secs=_option(ctx, "disk_index_flush_secs", 1.0, float),
-        verify_on_open=verify,
+        verify_on_open=_verify_on_open(ctx),
         io_depth=_io_depth(ctx),
         model_id=config.model_id,
     )

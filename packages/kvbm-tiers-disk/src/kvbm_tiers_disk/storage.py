@@ -2,9 +2,10 @@
 
 Runs in each worker process. Operations (any thread unless said otherwise):
 - ``DiskStorage(layout, num_slots, directory, ...)``: check the directory (creatable,
-  writable, enough free space: ``ConfigError`` naming the directory, the bytes needed and the
-  bytes free), open or create ``kvbm-disk-rank<r>.slots`` (0600, locked against a second
-  process), preallocate ``num_slots`` slots, open it with O_DIRECT when the filesystem allows
+  writable, private to this user: see ``kvbm_core.private_dir``; enough free space:
+  ``ConfigError`` naming the directory, the bytes needed and the bytes free), open or create
+  ``kvbm-disk-rank<r>.slots`` (0600, never through a link, refused when another user could
+  change it, locked against a second process), preallocate ``num_slots`` slots, open it with O_DIRECT when the filesystem allows
   (a fallback is logged once), load and verify the index.
 - ``write_block(slot, block_hash, src)``: write one block and its header; returns the payload
   checksum. ``read_block(slot, block_hash, dst)``: read one block and verify its header (slot,
@@ -50,6 +51,7 @@ import numpy as np
 
 from kvbm_core.config import ConfigError
 from kvbm_core.layout import KvLayout
+from kvbm_core.private_dir import ensure_private_dir, open_private_file
 from kvbm_core.transfer import DISK, Storage
 from kvbm_tiers_disk import exit_flush
 from kvbm_tiers_disk.buffers import aligned_array
@@ -623,36 +625,14 @@ class DiskStorage(Storage):
 
 
 def prepare_directory(path: Path) -> Path:
-    """Create ``path`` (0700) if needed and prove it writable; ``ConfigError`` otherwise."""
-    fix = "point KVBM_DISK_CACHE_DIR at a writable directory on a local disk"
-    try:
-        path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ConfigError(
-            f"KVBM_DISK_CACHE_DIR={str(path)!r} cannot be created ({exc.strerror}); {fix}"
-        ) from None
-    if not path.is_dir():
-        raise ConfigError(f"KVBM_DISK_CACHE_DIR={str(path)!r} is not a directory; {fix}")
-    probe = path / f".kvbm-probe-{os.getpid()}-{threading.get_ident()}"
-    try:
-        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
-        probe.unlink()
-    except OSError as exc:
-        raise ConfigError(
-            f"KVBM_DISK_CACHE_DIR={str(path)!r} is not writable ({exc.strerror}); {fix}"
-        ) from None
-    if path.stat().st_mode & 0o022:
-        log.warning(
-            "kvbm disk tier: %s is writable by other users; kvbm's files in it are 0600, but a "
-            "private directory (0700) is safer",
-            path,
-        )
-    return path
+    """Create ``path`` (0700) if needed and prove it private and writable; ``ConfigError``
+    naming what is wrong and the fix otherwise."""
+    return ensure_private_dir(path)
 
 
 def _open_slots_file(path: Path) -> int:
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        fd = open_private_file(path, os.O_RDWR | os.O_CREAT)
     except OSError as exc:
         raise ConfigError(
             f"cannot open the disk tier file {str(path)!r} ({exc.strerror}); point "
@@ -666,8 +646,6 @@ def _open_slots_file(path: Path) -> int:
             f"the disk tier file {str(path)!r} is in use by another process; give each engine "
             "its own KVBM_DISK_CACHE_DIR"
         ) from None
-    if os.fstat(fd).st_mode & 0o077:
-        os.fchmod(fd, 0o600)
     return fd
 
 

@@ -39,6 +39,7 @@ from typing import Any
 
 from kvbm_core.config import ConfigError, KvbmConfig
 from kvbm_discovery.local_servers import free_port
+from kvbm_trtllm.bench_checks import check_before_runs, check_tiers
 
 __all__ = [
     "BenchError",
@@ -593,7 +594,9 @@ def run_bench(
     options = options.resolve()
     workload, round_of = build_workload(options)
     pools = size_pools(options, workload)
-    kvbm_settings(options, pools, tempfile.gettempdir(), "check")  # bad sizes fail before any run
+    check_tiers(options, pools)
+    settings = kvbm_settings(options, pools, tempfile.gettempdir(), "check")
+    check_before_runs(options, pools, settings)  # what would fail fails before any run
     if options.tp == 1:
         warm_up(options)
     outcomes: dict[bool, RunOutcome] = {}

@@ -4,9 +4,11 @@ Which process: the leader (rank 0, the scheduler process) starts it when ``KVBM_
 on. Its counts already cover every TP rank, since every rank's completions reach the leader.
 
 Operations:
-- ``start_metrics_server(stats, port, addr="0.0.0.0") -> MetricsServer``: serve ``stats`` on
-  ``port`` (0 picks a free one: ``server.port``). A port in use raises :class:`ConfigError`
-  naming the port and ``KVBM_METRICS_PORT``. ``server.close()`` stops it (idempotent).
+- ``start_metrics_server(stats, port, addr=None) -> MetricsServer``: serve ``stats`` on
+  ``addr:port`` (0 picks a free port: ``server.port``; ``addr`` None: ``KVBM_METRICS_HOST``,
+  default every interface). A port in use raises :class:`ConfigError` naming the port and
+  ``KVBM_METRICS_PORT``. ``server.close()`` stops it (idempotent). The server uses a fixed
+  number of threads whatever the clients do (see :mod:`kvbm_trtllm.metrics_http`).
 - ``KvbmCollector(stats)``: a prometheus-client collector reading ``stats`` at scrape time:
   every name of ``kvbm_core.metrics`` as ``kvbm_<name>``; counters keep Dynamo's exact names
   (``kvbm_offload_blocks_d2h``, no ``_total`` suffix, so Dynamo's dashboards keep working)
@@ -22,12 +24,13 @@ import threading
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from kvbm_core.config import ConfigError
+from kvbm_core.config import ConfigError, KvbmConfig
 from kvbm_core.metrics import COUNTERS, GAUGES, HISTOGRAMS, PREFIX, KvbmStats
+from kvbm_trtllm.metrics_http import BoundedHttpServer
 
 __all__ = [
     "LATENCY_BUCKETS",
@@ -99,38 +102,38 @@ class KvbmCollector(Collector):
 class MetricsServer:
     """A running ``/metrics`` endpoint; ``close()`` stops it."""
 
-    def __init__(self, collector: KvbmCollector, server, thread: threading.Thread, addr: str):
+    def __init__(self, collector: KvbmCollector, server: BoundedHttpServer, addr: str):
         self.collector = collector
-        self.port: int = server.server_port
+        self.port: int = server.port
         self.addr = addr
         self._server = server
-        self._thread = thread
-        self._is_closed = False
 
     @property
     def url(self) -> str:
-        host = "127.0.0.1" if self.addr in ("0.0.0.0", "") else self.addr
+        host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "[::1]"}.get(self.addr, self.addr)
+        if ":" in host and not host.startswith("["):
+            host = f"[{host}]"
         return f"http://{host}:{self.port}/metrics"
 
     def close(self) -> None:
-        if self._is_closed:
-            return
-        self._is_closed = True
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(timeout=5)
+        self._server.close()
 
 
-def start_metrics_server(stats: KvbmStats, port: int, addr: str = "0.0.0.0") -> MetricsServer:
+def start_metrics_server(stats: KvbmStats, port: int, addr: str | None = None) -> MetricsServer:
+    if addr is None:
+        addr = KvbmConfig.from_env().metrics_host
     registry = CollectorRegistry(auto_describe=False)
     collector = KvbmCollector(stats)
     registry.register(collector)
     try:
-        server, thread = start_http_server(port, addr=addr, registry=registry)
+        server = BoundedHttpServer(
+            addr, port, lambda: (generate_latest(registry), CONTENT_TYPE_LATEST)
+        )
     except OSError as exc:
         raise ConfigError(
             f"kvbm metrics: cannot listen on {addr}:{port} ({exc.strerror or exc}); another "
-            f"process holds the port. Set KVBM_METRICS_PORT (or DYN_KVBM_METRICS_PORT) to a free "
-            f"port, or KVBM_METRICS=0 to turn the endpoint off"
+            f"process holds the port, or KVBM_METRICS_HOST is not an address of this machine. "
+            f"Set KVBM_METRICS_PORT (or DYN_KVBM_METRICS_PORT) to a free port, or "
+            f"KVBM_METRICS=0 to turn the endpoint off"
         ) from None
-    return MetricsServer(collector, server, thread, addr)
+    return MetricsServer(collector, server, addr)

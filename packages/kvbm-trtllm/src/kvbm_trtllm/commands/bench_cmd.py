@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+from kvbm_core.config import ConfigError
 from kvbm_trtllm.commands.common import CommandError, UsageError
 
 __all__ = ["add_parser", "run", "options_from_args"]
@@ -88,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"kvbm bench: {options.workload}, model {options.model} on {options.device}, "
               f"TP={options.tp}, {options.sessions} sessions x {options.rounds} rounds", flush=True)
         report = run_bench(options, show_progress=not args.no_progress)
-    except BenchError as exc:
+    except (BenchError, ConfigError) as exc:  # a ConfigError: a tier refused what it was given
         raise UsageError(str(exc)) from None
     files = write_report(report, output_dir)
     print()

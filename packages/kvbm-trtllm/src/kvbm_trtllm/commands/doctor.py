@@ -4,6 +4,11 @@
 started, servers get a short TCP probe); ``run(args)`` prints them as a table and exits 1 when
 one failed. Servers are probed only when the config names them (``KVBM_DISCOVERY=etcd``,
 ``KVBM_NATS_URL``).
+
+Doctor refuses what the engine would refuse by calling the engine's own code: the config
+parser, the tier plugins' ``check_options``, the disk tier's directory checks and backend
+choice (``disk_backend``: so "NIXL" says what the disk tier will use), kvbm_discovery's
+namespace and endpoint parsing. GDS is reported unavailable without a CUDA GPU.
 """
 
 from __future__ import annotations
@@ -20,7 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from kvbm_core.config import ConfigError, KvbmConfig
+from kvbm_core.config import ConfigError, KvbmConfig, unknown_setting_names
+from kvbm_core.private_dir import open_probe
 from kvbm_trtllm.commands.common import format_table
 
 __all__ = ["Check", "OK", "WARN", "FAIL", "run_checks", "add_parser", "run"]
@@ -71,19 +77,17 @@ def _indent_rows(rows: list[tuple[str, str, str]]) -> list[tuple[str, str, str]]
 def run_checks(environ: Mapping[str, str] | None = None) -> list[Check]:
     env = os.environ if environ is None else environ
     config, config_check = _load_config(env)
-    checks = [config_check, *_torch_checks()]
+    checks = [config_check, *_unknown_name_checks(env), *_torch_checks()]
     if config is not None:
         checks.append(_check_cpu_tier(config))
         checks += _disk_checks(config, env)
         checks.append(_check_plugins(config))
+        checks.append(_check_tier_options(config))
         checks += _discovery_checks(config)
         if config.metrics:
-            checks.append(_check_metrics_port(config.metrics_port))
-    checks.append(_check_module("GDS (cuFile)", "cuda.bindings.cufile",
-                                "disk <-> GPU moves go through host memory",
-                                "pip install cuda-python (cuda-bindings) on a machine with libcufile"))
-    checks.append(_check_module("NIXL", "nixl", "the disk tier uses its own POSIX I/O",
-                                "pip install nixl-cu12 or nixl-cu13 (optional)"))
+            checks.append(_check_metrics_port(config.metrics_host, config.metrics_port))
+    checks.append(_check_gds())
+    checks.append(_check_nixl(config))
     checks.append(_check_module("TensorRT-LLM", "tensorrt_llm",
                                 "only the reference executor (kvbm bench) can drive kvbm here",
                                 "install TensorRT-LLM (>= 1.2) to serve models with kvbm"))
@@ -99,6 +103,14 @@ def _load_config(env: Mapping[str, str]) -> tuple[KvbmConfig | None, Check]:
     status = OK if config.cpu_enabled else WARN
     fix = "" if config.cpu_enabled else "set KVBM_CPU_CACHE_GB (and KVBM_DISK_CACHE_GB) to give kvbm tiers"
     return config, Check("config", status, _describe_config(config), fix)
+
+
+def _unknown_name_checks(env: Mapping[str, str]) -> list[Check]:
+    checks = []
+    for name, suggestion in unknown_setting_names(env):
+        fix = f"rename it to {suggestion}" if suggestion else "remove it (see README: Configuration)"
+        checks.append(Check("config", WARN, f"{name} is not a kvbm setting and is ignored", fix))
+    return checks
 
 
 def _describe_config(config: KvbmConfig) -> str:
@@ -155,9 +167,12 @@ def _check_pinned(torch) -> Check:
 def _check_cpu_tier(config: KvbmConfig) -> Check:
     if not config.cpu_enabled:
         return Check("host memory", OK, "no cpu tier configured")
-    available = _available_memory_bytes()
+    from kvbm_tiers_cpu.memory import available_memory_bytes
+
+    available = available_memory_bytes()
     if config.cpu_cache_override_num_blocks is not None or available is None:
-        return Check("host memory", OK, "cpu tier sized in blocks; fits is checked at start")
+        return Check("host memory", OK, "cpu tier sized in blocks; the engine checks it fits "
+                     "in available memory at start")
     wanted = config.cpu_cache_gb * 1e9
     detail = f"cpu tier {config.cpu_cache_gb:g} GB, {available / 1e9:.1f} GB available"
     if wanted > available:
@@ -166,16 +181,6 @@ def _check_cpu_tier(config: KvbmConfig) -> Check:
     if wanted > 0.8 * available:
         return Check("host memory", WARN, detail, "leave at least 20% of memory to the engine and OS")
     return Check("host memory", OK, detail)
-
-
-def _available_memory_bytes() -> int | None:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 # ---- disk ----------------------------------------------------------------------------------
@@ -211,10 +216,11 @@ def _check_o_direct(path: Path, is_disabled: bool) -> Check:
         return Check("O_DIRECT", OK, "off (KVBM_DISK_DISABLE_O_DIRECT): buffered I/O through the page cache")
     if not hasattr(os, "O_DIRECT"):
         return Check("O_DIRECT", WARN, "this OS has no O_DIRECT: buffered I/O", "")
-    probe = path / f".kvbm-doctor-{os.getpid()}"
     buffer = mmap.mmap(-1, 4096)  # page-aligned, as O_DIRECT needs
+    probe = None
     try:
-        fd = os.open(probe, os.O_CREAT | os.O_WRONLY | os.O_DIRECT, 0o600)
+        # A new file under an unguessable name: nothing planted there is written through.
+        fd, probe = open_probe(path, ".kvbm-doctor-", os.O_DIRECT)
         try:
             os.write(fd, buffer)
         finally:
@@ -225,7 +231,8 @@ def _check_o_direct(path: Path, is_disabled: bool) -> Check:
                      "for steady throughput, or set KVBM_DISK_DISABLE_O_DIRECT=1 to silence this")
     finally:
         buffer.close()
-        probe.unlink(missing_ok=True)
+        if probe is not None:
+            probe.unlink(missing_ok=True)
     return Check("O_DIRECT", OK, f"supported in {path}")
 
 
@@ -246,9 +253,75 @@ def _check_plugins(config: KvbmConfig) -> Check:
                  f"{config.discovery!r} found")
 
 
+def _tier_context(config: KvbmConfig):
+    from kvbm_core.layout import KvLayout
+    from kvbm_core.plugins import TierContext
+
+    # The options do not depend on the model; any layout will do for checking them.
+    layout = KvLayout(num_layers=1, tokens_per_block=1, num_kv_heads=1, head_dim=1, dtype="float16")
+    return TierContext(layout=layout, num_slots=1, config=config)
+
+
+def _check_tier_options(config: KvbmConfig) -> Check:
+    ctx = _tier_context(config)
+    try:
+        if config.cpu_enabled:
+            from kvbm_tiers_cpu.plugin import check_options as check_cpu_options
+
+            check_cpu_options(ctx)
+        if config.disk_enabled:
+            from kvbm_tiers_disk.plugin import check_options as check_disk_options
+
+            backend = check_disk_options(ctx)
+            return Check("tier options", OK, f"valid; the disk tier moves host <-> disk bytes with {backend}")
+    except (ConfigError, ImportError) as exc:
+        return Check("tier options", FAIL, str(exc), "fix or unset that option (see README: Configuration)")
+    return Check("tier options", OK, "valid")
+
+
+def _check_nixl(config: KvbmConfig | None) -> Check:
+    from kvbm_tiers_disk.nixl_io import INSTALL_HINT, nixl_module_name
+
+    name = nixl_module_name()  # the disk tier's own detection
+    if name is None:
+        return Check("NIXL", WARN, "not installed: the disk tier uses its own I/O threads",
+                     INSTALL_HINT + " (optional)")
+    version = _dist_version(name)
+    detail = f"{name}{f' {version}' if version else ''} importable"
+    if config is not None and config.disk_enabled:
+        from kvbm_tiers_disk.plugin import disk_backend
+
+        try:
+            backend = disk_backend(_tier_context(config))
+        except ConfigError as exc:
+            return Check("NIXL", FAIL, f"{detail}; {exc}", "fix KVBM_DISK_BACKEND")
+        used = "the disk tier uses it" if backend == "nixl" else "not used (KVBM_DISK_BACKEND=threads)"
+        detail += f": {used}"
+    return Check("NIXL", OK, detail)
+
+
+def _check_gds() -> Check:
+    without = "disk <-> GPU moves go through host memory"
+    try:
+        import torch
+    except ImportError:
+        return Check("GDS (cuFile)", WARN, f"unavailable without torch: {without}", "pip install torch")
+    if not torch.cuda.is_available():
+        return Check("GDS (cuFile)", WARN, f"unavailable: no CUDA GPU visible; {without}",
+                     "GDS needs a CUDA GPU, its driver and libcufile")
+    return _check_module("GDS (cuFile)", "cuda.bindings.cufile", without,
+                         "pip install cuda-python (cuda-bindings) on a machine with libcufile")
+
+
 def _discovery_checks(config: KvbmConfig) -> list[Check]:
     checks = []
     if config.discovery == "etcd":
+        from kvbm_discovery.etcd import parse_endpoints
+
+        try:
+            parse_endpoints(config)  # what the etcd backend runs at start
+        except ConfigError as exc:
+            return [Check("etcd", FAIL, str(exc), "fix KVBM_ETCD_ENDPOINTS")]
         for endpoint in config.etcd_endpoints:
             checks.append(_probe_etcd(endpoint))
     if config.nats_url:
@@ -309,14 +382,17 @@ def _reason(exc: BaseException) -> str:
     return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
 
 
-def _check_metrics_port(port: int) -> Check:
-    with socket.socket() as sock:
+def _check_metrics_port(host: str, port: int) -> Check:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as sock:
         try:
-            sock.bind(("0.0.0.0", port))
+            sock.bind((host, port))
         except OSError as exc:
-            return Check("metrics port", FAIL, f"port {port} is taken ({exc.strerror})",
-                         "set KVBM_METRICS_PORT to a free port")
-    return Check("metrics port", OK, f"port {port} is free")
+            return Check("metrics port", FAIL, f"cannot listen on {host}:{port} ({exc.strerror})",
+                         "set KVBM_METRICS_PORT to a free port and KVBM_METRICS_HOST to an "
+                         "address of this machine")
+    scope = "every interface" if host in ("0.0.0.0", "::") else host
+    return Check("metrics port", OK, f"port {port} is free on {scope}")
 
 
 def _check_module(name: str, module: str, without: str, fix: str) -> Check:
