@@ -114,7 +114,7 @@ def check_options(ctx: TierContext) -> str:
     """Check every option the disk tier reads (``ConfigError`` naming a bad one), as
     ``make_storage`` does at start; the host <-> disk backend it will use."""
     _option(ctx, "disk_io_threads", DEFAULT_IO_THREADS, int)
-    _option(ctx, "disk_index_flush_secs", 5.0, float)
+    _option(ctx, "disk_index_flush_secs", 1.0, float)
     _verify_on_open(ctx)
     _io_depth(ctx)
     return disk_backend(ctx)

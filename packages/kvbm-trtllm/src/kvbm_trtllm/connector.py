@@ -120,7 +120,9 @@ class KvbmConnectorLeader(KvCacheConnectorScheduler):
         if self.config.metrics:
             from kvbm_trtllm.metrics import start_metrics_server
 
-            self.metrics_server = start_metrics_server(self.core.stats, self.config.metrics_port)
+            self.metrics_server = start_metrics_server(
+                self.core.stats, self.config.metrics_port, self.config.metrics_host
+            )
 
     @property
     def stats(self):
