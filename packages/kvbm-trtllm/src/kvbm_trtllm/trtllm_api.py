@@ -70,13 +70,17 @@ if TYPE_CHECKING or _real is None:
 
     @dataclass
     class RequestData:
-        """One request's delta since its last report (TensorRT-LLM 1.2 fields)."""
+        """One request's delta since its last report (TensorRT-LLM main's fields)."""
 
         request_id: int
         new_tokens: list[int]
         new_block_ids: list[int]
         computed_position: int
         num_scheduled_tokens: int
+        block_hashes: list[int] = field(default_factory=list)
+        priorities: list[int] | None = None
+        cache_salt: str | None = None
+        new_block_ids_by_layer_group: list[list[int]] = field(default_factory=list)
 
     @dataclass
     class SchedulerOutput:

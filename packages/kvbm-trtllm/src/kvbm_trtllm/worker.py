@@ -52,6 +52,8 @@ log = logging.getLogger("kvbm.worker")
 
 __all__ = ["KvbmWorkerCore", "WorkerSetup", "layout_from_pool", "layout_from_layers"]
 
+_POLL_SECS = 0.01
+
 
 @dataclass(frozen=True)
 class WorkerSetup:
@@ -91,6 +93,12 @@ class KvbmWorkerCore:
         self._dropped: list[JobResult] = []
         self._forward_error: str | None = None
         self.is_recovery_supported = False
+        # Handlers finish jobs only when polled; an idle engine polls nothing, so this thread
+        # does (a host -> disk copy then reaches the disk and its index without another call).
+        self._io_lock = threading.RLock()
+        self._is_closed = threading.Event()
+        self._poller = threading.Thread(target=self._poll_loop, name="kvbm-worker-poll", daemon=True)
+        self._poller.start()
 
     # ---- start-up --------------------------------------------------------------------------
 
@@ -164,7 +172,20 @@ class KvbmWorkerCore:
 
     # ---- per iteration ---------------------------------------------------------------------
 
+    def _poll_loop(self) -> None:
+        while not self._is_closed.wait(_POLL_SECS):
+            try:
+                with self._io_lock:
+                    if self.engine.num_pending or self._dropped:
+                        self._collect(self._poll())
+            except Exception:  # the thread must survive anything; the error is visible here
+                log.exception("kvbm worker %d: polling transfers failed", self.setup.rank)
+
     def start_iteration(self, plan: IterationPlan | None) -> None:
+        with self._io_lock:
+            self._start_iteration(plan)
+
+    def _start_iteration(self, plan: IterationPlan | None) -> None:
         if plan is None:
             return
         if plan.failed_load_request_ids:
@@ -265,9 +286,10 @@ class KvbmWorkerCore:
         return error
 
     def after_forward(self, ready: Any = None) -> None:
-        jobs, self._deferred = self._deferred, []
-        if jobs:
-            self._submit(jobs, ready)
+        with self._io_lock:
+            jobs, self._deferred = self._deferred, []
+            if jobs:
+                self._submit(jobs, ready)
 
     @property
     def has_deferred_jobs(self) -> bool:
@@ -276,8 +298,9 @@ class KvbmWorkerCore:
     def get_finished(
         self, finished_gen_req_ids: Iterable[int], started_loading_req_ids: Iterable[int]
     ) -> tuple[list[int], list[int]]:
-        self._apply_recoveries()
-        self._collect(self._poll())
+        with self._io_lock:
+            self._apply_recoveries()
+            self._collect(self._poll())
         with self._lock:
             self._saving.update(finished_gen_req_ids)
             self._loading.update(started_loading_req_ids)
@@ -409,6 +432,8 @@ class KvbmWorkerCore:
         return errors
 
     def close(self) -> None:
+        self._is_closed.set()
+        self._poller.join()
         self.engine.wait(timeout=30)
         self.engine.close()
         for storage in self.storages.values():
