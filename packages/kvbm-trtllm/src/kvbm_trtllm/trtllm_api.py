@@ -7,12 +7,19 @@ What this module provides (every process that builds a connector imports it):
   ``...pyexecutor.connectors.kv_cache_connector`` (newer main) when ``tensorrt_llm`` is
   installed, otherwise local classes with the same names, fields and method signatures.
 - ``SchedulerOutput`` / ``RequestData``: the per-iteration delta the scheduler's
-  ``build_connector_meta`` receives (same origin rule).
-- ``LlmArgsLike`` / ``KvCacheConfigLike`` / ``KvCacheConnectorConfigLike``: the part of
-  ``TorchLlmArgs`` a connector reads, for engines without TensorRT-LLM (the reference executor).
-- ``LlmRequestLike``: the part of the C++ ``LlmRequest`` a connector may read (``request_id``,
+  ``build_connector_meta`` receives (same origin rule). The stand-in ``RequestData`` has newest
+  main's fields and defaults (``connectors/kv_cache_connector.py``@035ab91c); ``RequestData12``
+  is TensorRT-LLM 1.2's five-field shape, always local (what the reference executor sends on
+  its ``"1.2"`` profile).
+- ``LlmArgsLike`` / ``KvCacheConfigLike`` / ``KvCacheConnectorConfigLike`` /
+  ``CudaGraphConfigLike``: the part of ``TorchLlmArgs`` a connector reads, with TensorRT-LLM's
+  defaults (``tensorrt_llm/llmapi/llm_args.py``), for engines without TensorRT-LLM (the reference
+  executor).
+- ``LlmRequestLike``: a hand-made request for unit tests of a connector (``request_id``,
   ``get_tokens(0)``, ``prompt_len``, ``context_current_position``,
-  ``is_generation_only_request``, optional ``lora_name`` / ``cache_salt``).
+  ``is_generation_only_request``, optional ``lora_name`` / ``cache_salt``). It is not what
+  TensorRT-LLM passes: the reference executor passes ``executor.llm_request``'s views, which
+  carry TensorRT-LLM's attribute names (``lora_task_id``, ``cache_salt_id``, ``py_lora_path``).
 - ``current_rank()`` / ``current_world_size()``: this process's tensor-parallel rank, from
   TensorRT-LLM's MPI helpers when present, else from ``torch.distributed`` when initialized,
   else 0 / 1.
@@ -23,6 +30,7 @@ attributes listed here.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -34,7 +42,9 @@ __all__ = [
     "KvCacheConnectorWorker",
     "SchedulerOutput",
     "RequestData",
+    "RequestData12",
     "LlmArgsLike",
+    "CudaGraphConfigLike",
     "KvCacheConfigLike",
     "KvCacheConnectorConfigLike",
     "LlmRequestLike",
@@ -70,7 +80,12 @@ if TYPE_CHECKING or _real is None:
 
     @dataclass
     class RequestData:
-        """One request's delta since its last report (TensorRT-LLM main's fields)."""
+        """One request's delta since its last report: newest main's fields and defaults.
+
+        As ``connectors/kv_cache_connector.py``@035ab91c: ``block_hashes`` is the cumulative
+        chain of beam 0, ``priorities`` is set only with a retention config, ``cache_salt`` is
+        the request's salt string, ``new_block_ids_by_layer_group`` has one list per layer group.
+        """
 
         request_id: int
         new_tokens: list[int]
@@ -153,12 +168,28 @@ else:
 
 
 @dataclass
+class RequestData12:
+    """TensorRT-LLM 1.2's ``RequestData``: these five fields only (no hashes, no salt).
+
+    From the 1.2-era ``_torch/pyexecutor/kv_cache_connector.py`` (reference §3). A distinct class,
+    not the main one with defaults, so a connector reading ``data.cache_salt`` fails on 1.2 as it
+    would there.
+    """
+
+    request_id: int
+    new_tokens: list[int]
+    new_block_ids: list[int]
+    computed_position: int
+    num_scheduled_tokens: int
+
+
+@dataclass
 class KvCacheConfigLike:
-    """What a connector reads of ``TorchLlmArgs.kv_cache_config``."""
+    """What a connector reads of ``TorchLlmArgs.kv_cache_config``, with TensorRT-LLM's defaults."""
 
     tokens_per_block: int = 32
     enable_block_reuse: bool = True
-    enable_partial_reuse: bool = False
+    enable_partial_reuse: bool = True  # TensorRT-LLM's default (llm_args.py KvCacheConfig)
     max_tokens: int | None = None
     host_cache_size: int | None = None
 
@@ -170,6 +201,35 @@ class KvCacheConnectorConfigLike:
     connector_module: str
     connector_scheduler_class: str
     connector_worker_class: str
+
+
+@dataclass(frozen=True)
+class CudaGraphConfigLike:
+    """``TorchLlmArgs.cuda_graph_config``: graphs for generation-only batches.
+
+    Defaults and batch sizes as ``CudaGraphConfig`` in ``tensorrt_llm/llmapi/llm_args.py``
+    (index id 1090804222): with no ``batch_sizes``, ``max_batch_size`` 0 means 128 and the sizes
+    are 1..31, 32, 64, 128 plus powers of two up to the maximum (1, 2, 4, 8..128 by 8 with
+    padding), then the maximum itself.
+    """
+
+    batch_sizes: tuple[int, ...] | None = None
+    max_batch_size: int = 0
+    enable_padding: bool = False
+
+    def resolved_batch_sizes(self) -> tuple[int, ...]:
+        if self.batch_sizes:
+            return tuple(sorted(self.batch_sizes))
+        max_batch_size = self.max_batch_size or 128
+        if self.enable_padding:
+            sizes = [1, 2, 4] + [i * 8 for i in range(1, 17)]
+        else:
+            sizes = list(range(1, 32)) + [32, 64, 128]
+        sizes += [2**i for i in range(8, max(8, math.ceil(math.log2(max_batch_size))))]
+        sizes = sorted(s for s in set(sizes) if s <= max_batch_size)
+        if sizes[-1] != max_batch_size:
+            sizes.append(max_batch_size)
+        return tuple(sizes)
 
 
 @dataclass
@@ -185,6 +245,8 @@ class LlmArgsLike:
     max_batch_size: int | None = None
     max_num_tokens: int | None = None
     enable_chunked_prefill: bool = False
+    disable_overlap_scheduler: bool = False  # the overlap scheduler is TensorRT-LLM's default
+    cuda_graph_config: CudaGraphConfigLike | None = field(default_factory=CudaGraphConfigLike)
     dtype: str = "auto"
     extra: dict[str, Any] = field(default_factory=dict)
 

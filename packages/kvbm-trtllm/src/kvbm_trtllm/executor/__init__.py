@@ -8,6 +8,10 @@ calls a KV cache connector exactly as PyExecutor does (see ``executor.py``). Use
     result = Executor(ModelConfig.tiny(), PoolConfig(num_blocks=64), connector=None).run(
         multi_turn_chat()
     )
+
+``trtllm_version`` picks the TensorRT-LLM version imitated (``PROFILES``: "1.2", "main" -- the
+default --, "main+load-errors"); ``CppLlmRequest`` / ``PyLlmRequest`` are the two request views
+a connector receives.
 """
 
 from kvbm_trtllm.executor.connector import (
@@ -16,6 +20,12 @@ from kvbm_trtllm.executor.connector import (
     resolve_connector,
 )
 from kvbm_trtllm.executor.executor import Executor
+from kvbm_trtllm.executor.llm_request import (
+    CppLlmRequest,
+    PyLlmRequest,
+    cache_salt_id,
+    lora_task_id,
+)
 from kvbm_trtllm.executor.model import ModelConfig, ReferenceModel, SequenceChunk
 from kvbm_trtllm.executor.null_connector import (
     NULL_CONNECTOR,
@@ -23,6 +33,7 @@ from kvbm_trtllm.executor.null_connector import (
     NullConnectorWorker,
 )
 from kvbm_trtllm.executor.pool import BlockPool, PoolConfig
+from kvbm_trtllm.executor.profiles import DEFAULT_TRTLLM_VERSION, PROFILES, TrtllmProfile
 from kvbm_trtllm.executor.results import IterationStats, RequestResult, RunResult
 from kvbm_trtllm.executor.tp import run_tp
 from kvbm_trtllm.executor.workloads import (
@@ -35,6 +46,13 @@ from kvbm_trtllm.executor.workloads import (
 
 __all__ = [
     "Executor",
+    "PROFILES",
+    "DEFAULT_TRTLLM_VERSION",
+    "TrtllmProfile",
+    "CppLlmRequest",
+    "PyLlmRequest",
+    "lora_task_id",
+    "cache_salt_id",
     "ConnectorContractError",
     "ConnectorSpec",
     "resolve_connector",

@@ -6,7 +6,11 @@ connector's ``register_kv_caches`` receives.
 
 Bookkeeping (every rank runs the same, so block ids agree across ranks):
 - ``match_prefix(hashes)``: the blocks already holding the longest cached prefix (full blocks,
-  each named by the chained hash of its whole prefix; no partial reuse).
+  each named by the chained hash of its whole prefix, ``block_hash.py``). Partial reuse (a
+  partly matching block copied, TensorRT-LLM's ``enable_partial_reuse=True`` default, which
+  ``KvCacheConfigLike`` reports) is not implemented: only whole blocks are reused. With
+  ``enable_block_reuse=False`` nothing matches, and the executor does not consult the
+  connector either.
 - ``allocate(num_blocks, reused)``: take the matched blocks (reference-counted) plus fresh ones;
   a fresh block comes from the free list in LRU order, and a free block that still caches a
   prefix loses its hash then (eviction). ``None`` when the pool cannot supply them.

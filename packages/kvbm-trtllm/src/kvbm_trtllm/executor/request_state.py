@@ -1,9 +1,10 @@
 """Per-request state the reference executor keeps between iterations.
 
 ``_State`` is where a request is in its life (loading, context, generation, saving, done);
-``_Request`` is its record: the TensorRT-LLM-like request the connector sees, its blocks, how much
-of it is computed, what was reported in ``SchedulerOutput`` and the times that become its
-``RequestResult``. Both are private to the executor package.
+``_Request`` is its record: the request state behind the views the connector sees
+(``llm_request.py``), its blocks, how much of it is computed, what was reported in
+``SchedulerOutput``, the error that failed it, and the times that become its ``RequestResult``.
+Both are private to the executor package.
 """
 
 from __future__ import annotations
@@ -11,8 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 
+from kvbm_trtllm.executor.llm_request import LlmRequestState
 from kvbm_trtllm.executor.workloads import RequestSpec
-from kvbm_trtllm.trtllm_api import LlmRequestLike
 
 
 class _State(Enum):
@@ -20,13 +21,13 @@ class _State(Enum):
     CONTEXT = "context"
     GENERATION = "generation"
     SAVING = "saving"  # finished; blocks held for the connector
-    DONE = "done"
+    DONE = "done"  # finished or failed; blocks released
 
 
 @dataclass
 class _Request:
     spec: RequestSpec
-    llm: LlmRequestLike
+    llm: LlmRequestState
     hashes: list[int]
     arrival_s: float
     arrival_iteration: int
@@ -46,6 +47,7 @@ class _Request:
     first_token_iteration: int = -1
     finish_s: float = 0.0
     finished_iteration: int = -1
+    error: str | None = None  # why TensorRT-LLM's _handle_errors failed it
 
     @property
     def request_id(self) -> int:
@@ -57,4 +59,4 @@ class _Request:
 
     @property
     def num_generated(self) -> int:
-        return self.llm.get_num_tokens() - self.prompt_len
+        return len(self.llm.tokens) - self.prompt_len

@@ -1,9 +1,13 @@
 """What a reference-executor run reports: per request, per iteration, and in total.
 
 ``RequestResult`` holds one request's output tokens, its time to first token (wall time from
-arrival to the first token being visible to the host), and where its prompt KV came from
-(device prefix reuse, the connector, or computed). ``IterationStats`` counts one iteration's
-batch. ``RunResult`` collects both, with totals.
+arrival to the first token being visible to the host), where its prompt KV came from (device
+prefix reuse, the connector, or computed), and ``error``: the message it was failed with
+(TensorRT-LLM's ``_handle_errors``), ``None`` for a request that completed; a failed request
+has partial or no output. ``IterationStats`` counts one iteration's batch. ``RunResult``
+collects both, with totals and ``errors`` (failed request id -> message).
+
+``request_result(req)`` and ``iteration_stats(...)`` build them from the executor's records.
 """
 
 from __future__ import annotations
@@ -12,7 +16,9 @@ import statistics
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["RequestResult", "IterationStats", "RunResult"]
+from kvbm_trtllm.executor.request_state import _Request
+
+__all__ = ["RequestResult", "IterationStats", "RunResult", "request_result"]
 
 
 @dataclass
@@ -30,6 +36,7 @@ class RequestResult:
     admitted_iteration: int
     first_token_iteration: int
     finished_iteration: int
+    error: str | None = None
 
     @property
     def ttft_s(self) -> float:
@@ -67,6 +74,10 @@ class RunResult:
         return {rid: r.output_tokens for rid, r in sorted(self.requests.items())}
 
     @property
+    def errors(self) -> dict[int, str]:
+        return {rid: r.error for rid, r in sorted(self.requests.items()) if r.error is not None}
+
+    @property
     def num_prompt_tokens(self) -> int:
         return sum(r.prompt_len for r in self.requests.values())
 
@@ -101,3 +112,22 @@ class RunResult:
             "num_computed_prompt_tokens": self.num_computed_prompt_tokens,
             "num_evicted_blocks": self.num_evicted_blocks,
         }
+
+
+def request_result(req: _Request) -> RequestResult:
+    return RequestResult(
+        request_id=req.request_id,
+        prompt_len=req.prompt_len,
+        output_tokens=tuple(req.llm.tokens[req.prompt_len :]),
+        num_device_hit_tokens=req.num_device_hit,
+        num_connector_hit_tokens=req.num_connector_hit,
+        is_async_load=req.is_async_load,
+        arrival_s=req.arrival_s,
+        first_token_s=req.first_token_s if req.first_token_s is not None else float("nan"),
+        finish_s=req.finish_s,
+        arrival_iteration=req.arrival_iteration,
+        admitted_iteration=req.admitted_iteration,
+        first_token_iteration=req.first_token_iteration,
+        finished_iteration=req.finished_iteration,
+        error=req.error,
+    )
