@@ -244,7 +244,10 @@ _CHILD = textwrap.dedent(
     from pathlib import Path
     leader, worker, pool = connector(disk_settings(Path({root!r})), namespace="child")
     store_prompt(leader, worker, pool)
-    print("stored", flush=True)
+    disk = worker.core.storages["disk"]
+    while disk.stats["stored_blocks"] < 5:  # the chained host -> disk copy, no engine call
+        time.sleep(0.01)
+    print("stored", flush=True)  # on disk; the index is not necessarily written yet
     if {wait}:
         time.sleep(60)
     """
