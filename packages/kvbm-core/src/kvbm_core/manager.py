@@ -42,106 +42,19 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
 
+from kvbm_core._records import _JobRecord, _Request
 from kvbm_core.admission import AdmissionPolicy, AlwaysAdmit
 from kvbm_core.events import BlockRemoved, BlockStored, EventSink, KvEvent
 from kvbm_core.hashing import block_hashes
 from kvbm_core.index import TierIndex
 from kvbm_core.metrics import KvbmStats
+from kvbm_core.plan import IterationPlan, LoadOutcome, Match, TierSlots
 from kvbm_core.transfer import CPU, DISK, GPU, JobResult, TransferJob
 
 __all__ = ["BlockManager", "IterationPlan", "LoadOutcome", "Match", "TierSlots"]
 
 MAX_LOAD_RETRIES = 1
-
-
-@dataclass(frozen=True, slots=True)
-class TierSlots:
-    """A tier the manager plans for: its name and medium, and its size in blocks."""
-
-    name: str
-    medium: str
-    num_slots: int
-
-
-@dataclass(frozen=True, slots=True)
-class Match:
-    num_tokens: int = 0
-    num_host_blocks: int = 0
-    num_disk_blocks: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class IterationPlan:
-    """What every worker does this iteration.
-
-    ``jobs`` whose source is the GPU wait for the forward pass; the others start at once.
-    ``load_job_ids`` maps a request to the jobs that must finish before its KV is loaded;
-    ``gpu_job_ids`` to every job reading or writing its GPU blocks. Loads of requests in
-    ``sync_request_ids`` must land before this iteration's forward pass reads them.
-    """
-
-    iteration: int
-    jobs: tuple[TransferJob, ...] = ()
-    load_job_ids: dict[int, tuple[int, ...]] = field(default_factory=dict)
-    gpu_job_ids: dict[int, tuple[int, ...]] = field(default_factory=dict)
-    sync_request_ids: tuple[int, ...] = ()
-    failed_load_request_ids: tuple[int, ...] = ()
-
-    @property
-    def is_empty(self) -> bool:
-        return not self.jobs and not self.failed_load_request_ids
-
-
-@dataclass(frozen=True, slots=True)
-class LoadOutcome:
-    """A request whose loads failed: either ``retry_jobs`` for the ``retry_ranks`` that failed
-    (send them; the request's loads are pending again), or, with no retry left,
-    ``recompute_from_token``: the first prompt position whose KV did not arrive."""
-
-    request_id: int
-    retry_jobs: tuple[TransferJob, ...] = ()
-    retry_ranks: tuple[int, ...] = ()
-    recompute_from_token: int | None = None
-
-
-@dataclass(slots=True)
-class _Request:
-    request_id: int
-    salt: int
-    token_ids: list[int]
-    block_ids: list[int] = field(default_factory=list)
-    hashes: list[int] = field(default_factory=list)
-    num_skip_blocks: int = 0
-    num_planned_blocks: int = 0
-    load_sources: list[tuple[TierIndex, int]] = field(default_factory=list)
-    first_load_block: int = 0
-    pending_job_ids: set[int] = field(default_factory=set)
-    is_finished: bool = False
-    is_sync_load: bool = False
-    num_pending_loads: int = 0
-    load_failed_at_block: int | None = None
-    num_load_retries: int = 0
-
-
-@dataclass(slots=True)
-class _JobRecord:
-    job: TransferJob
-    request_id: int | None
-    src_index: TierIndex | None
-    src_slots: tuple[int, ...]
-    dst_index: TierIndex | None
-    token_blocks: tuple[tuple[int, ...], ...]
-    parent_hash: int | None
-    remaining_ranks: set[int]
-    planned_at: float
-    num_bytes: int = 0
-    ok: bool = True
-    errors: list[str] = field(default_factory=list)
-    bad_hashes: set[int] = field(default_factory=set)
-    failed_ranks: set[int] = field(default_factory=set)
-    first_block: int = 0
 
 
 class BlockManager:
@@ -606,14 +519,7 @@ class BlockManager:
 
     def cancel(self, request_id: int) -> None:
         """Forget a request whose loads were never planned; jobs already planned still complete."""
-        request = self._requests.get(request_id)
-        if request is None:
-            return
-        self._unpin_unplanned(request)
-        if request.pending_job_ids:
-            request.is_finished = True
-        else:
-            del self._requests[request_id]
+        self.finish(request_id)
 
     def _unpin_unplanned(self, request: _Request) -> None:
         for index, group in itertools.groupby(request.load_sources, key=lambda s: s[0]):

@@ -1,0 +1,62 @@
+"""What the block manager hands out: tiers it plans for, matches, per-iteration plans, and the
+outcome of failed loads. Plain picklable dataclasses (plans cross process boundaries); built by
+the leader's :class:`~kvbm_core.manager.BlockManager`, executed by every worker.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from kvbm_core.transfer import TransferJob
+
+__all__ = ["TierSlots", "Match", "IterationPlan", "LoadOutcome"]
+
+
+@dataclass(frozen=True, slots=True)
+class TierSlots:
+    """A tier the manager plans for: its name and medium, and its size in blocks."""
+
+    name: str
+    medium: str
+    num_slots: int
+
+
+@dataclass(frozen=True, slots=True)
+class Match:
+    num_tokens: int = 0
+    num_host_blocks: int = 0
+    num_disk_blocks: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class IterationPlan:
+    """What every worker does this iteration.
+
+    ``jobs`` whose source is the GPU wait for the forward pass; the others start at once.
+    ``load_job_ids`` maps a request to the jobs that must finish before its KV is loaded;
+    ``gpu_job_ids`` to every job reading or writing its GPU blocks. Loads of requests in
+    ``sync_request_ids`` must land before this iteration's forward pass reads them.
+    """
+
+    iteration: int
+    jobs: tuple[TransferJob, ...] = ()
+    load_job_ids: dict[int, tuple[int, ...]] = field(default_factory=dict)
+    gpu_job_ids: dict[int, tuple[int, ...]] = field(default_factory=dict)
+    sync_request_ids: tuple[int, ...] = ()
+    failed_load_request_ids: tuple[int, ...] = ()
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.jobs and not self.failed_load_request_ids
+
+
+@dataclass(frozen=True, slots=True)
+class LoadOutcome:
+    """A request whose loads failed: either ``retry_jobs`` for the ``retry_ranks`` that failed
+    (send them; the request's loads are pending again), or, with no retry left,
+    ``recompute_from_token``: the first prompt position whose KV did not arrive."""
+
+    request_id: int
+    retry_jobs: tuple[TransferJob, ...] = ()
+    retry_ranks: tuple[int, ...] = ()
+    recompute_from_token: int | None = None
