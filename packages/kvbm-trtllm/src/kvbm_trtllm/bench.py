@@ -24,6 +24,7 @@ to come from kvbm's tiers rather than the engine's own prefix cache.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import math
@@ -412,6 +413,7 @@ def probe_transfers(
     engine, storages, layout = (getattr(core, a, None) for a in ("engine", "storages", "layout"))
     if engine is None or not storages or layout is None:
         return {}
+    holding = getattr(core, "holding_engine", None)
     rates: dict[str, dict[str, float | str]] = {}
     job_ids = itertools.count(PROBE_JOB_ID)
     for src, dst in _PROBE_ORDER:
@@ -426,10 +428,13 @@ def probe_transfers(
         error: str | None = None
         for _ in range(repeats):
             job = TransferJob(next(job_ids), src, dst, ids, ids, hashes)
-            started = time.perf_counter()
-            engine.submit([job], None)
-            results = engine.wait(timeout=60)
-            elapsed = time.perf_counter() - started
+            # The worker's poller thread drains the engine too; hold it off so this job's
+            # result comes back here and not to a worker that never asked for it.
+            with holding() if holding else contextlib.nullcontext():
+                started = time.perf_counter()
+                engine.submit([job], None)
+                results = engine.wait(timeout=60)
+                elapsed = time.perf_counter() - started
             failed = [r for r in results if not r.ok]
             if failed or not results:
                 error = failed[0].error if failed else "no result within 60 s"

@@ -32,11 +32,12 @@ forward step). A decision that does not come within the init timeout is an error
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -99,6 +100,12 @@ class KvbmWorkerCore:
         self._is_closed = threading.Event()
         self._poller = threading.Thread(target=self._poll_loop, name="kvbm-worker-poll", daemon=True)
         self._poller.start()
+
+    @contextlib.contextmanager
+    def holding_engine(self) -> Iterator[TransferEngine]:
+        """Keep the poller off the engine, so a caller waiting on its own jobs gets their results."""
+        with self._io_lock:
+            yield self.engine
 
     # ---- start-up --------------------------------------------------------------------------
 
