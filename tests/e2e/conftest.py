@@ -1,12 +1,15 @@
 """Shared helpers for end-to-end runs of the kvbm connector inside the reference executor.
 
 The executor stands in for TensorRT-LLM's PyExecutor (which cannot be installed here); the
-connector, tiers and discovery are the real ones.
+connector, tiers and discovery are the real ones. ``KVBM_TEST_DEVICE=cuda`` runs the model, its
+block pool and so the connector's GPU paths on the GPU (CUDA graphs stay on, as the executor's
+TensorRT-LLM default has them); the default is the CPU.
 """
 
 from __future__ import annotations
 
 import itertools
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +21,7 @@ from kvbm_trtllm.executor import Executor, ModelConfig, PoolConfig
 from kvbm_trtllm.trtllm_api import KvCacheConfigLike, LlmArgsLike
 
 TOKENS_PER_BLOCK = 16
+DEVICE = os.environ.get("KVBM_TEST_DEVICE", "cpu")
 _namespaces = itertools.count()
 
 
@@ -37,7 +41,7 @@ class KvbmRun:
 
 
 def model_config() -> ModelConfig:
-    return ModelConfig.tiny()
+    return ModelConfig.tiny(device=DEVICE)
 
 
 def recompute(workload, model: ModelConfig | None = None):
@@ -84,6 +88,7 @@ class E2E:
     """The helpers above, for test modules (pytest's importlib mode cannot import conftest)."""
 
     tokens_per_block = TOKENS_PER_BLOCK
+    device = DEVICE
     recompute = staticmethod(recompute)
     run_kvbm = staticmethod(run_kvbm)
     build = staticmethod(build)

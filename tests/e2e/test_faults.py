@@ -82,7 +82,7 @@ def test_tier_full_of_pinned_blocks_skips_stores_without_stalling(e2e):
 def _connector(e2e, kvbm):
     args = e2e.llm_args(kvbm)
     leader, worker = KvbmConnectorLeader(args), KvbmConnectorWorker(args)
-    pool = torch.zeros(16, 2, 2, 2 * 16 * 16)
+    pool = torch.zeros(16, 2, 2, 2 * 16 * 16, device=e2e.device)
     worker.register_kv_caches(pool)
     return leader, worker, pool
 

@@ -30,6 +30,7 @@ from kvbm_trtllm.trtllm_api import KvCacheConfigLike, LlmArgsLike, RequestData, 
 T = 16
 PROMPT = list(range(1, 81))  # 80 tokens: 5 blocks, 4 loadable (one token is always computed)
 _namespaces = itertools.count()
+DEVICE = os.environ.get("KVBM_TEST_DEVICE", "cpu")  # as in conftest.py
 
 
 class TrtllmRequest:
@@ -62,7 +63,7 @@ def connector(kvbm, model="m", namespace=None):
     args = LlmArgsLike(model=str(model), kv_cache_config=KvCacheConfigLike(tokens_per_block=T),
                        extra={"kvbm": settings})
     leader, worker = KvbmConnectorLeader(args), KvbmConnectorWorker(args)
-    pool = torch.zeros(16, 4, 2, 512, dtype=torch.float16)
+    pool = torch.zeros(16, 4, 2, 512, dtype=torch.float16, device=DEVICE)
     worker.register_kv_caches(pool)
     return leader, worker, pool
 

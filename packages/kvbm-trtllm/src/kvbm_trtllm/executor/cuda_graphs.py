@@ -1,7 +1,8 @@
 """CUDA graphs as a connector sees them: which forwards run the per-layer hooks.
 
 ``GraphCaptures(config)`` (``None``: graphs off) tracks which batch sizes have a graph.
-``runs_layer_hooks(is_generation_only, batch_size) -> bool``, asked once per forward:
+``runs_layer_hooks(is_generation_only, batch_size) -> bool``, asked once per forward (replays are
+counted in ``num_replays``):
 - a batch with any context request, or larger than the graph sizes allow, runs eagerly: hooks fire;
 - a generation-only batch whose graph key (its size; with ``enable_padding`` the next graph size
   up) was never seen is captured: hooks fire, this once;
@@ -34,6 +35,7 @@ class GraphCaptures:
         self.config = config
         self.batch_sizes = config.resolved_batch_sizes() if config is not None else ()
         self.captured_keys: set[int] = set()
+        self.num_replays = 0  # forwards that ran no layer hooks
 
     def graph_key(self, batch_size: int) -> int | None:
         """The graph a generation-only batch of this size would replay, or None (eager)."""
@@ -49,6 +51,7 @@ class GraphCaptures:
         if key is None:
             return True
         if key in self.captured_keys:
+            self.num_replays += 1
             return False
         self.captured_keys.add(key)
         return True
