@@ -84,6 +84,19 @@ class TransferJob:
 
 @dataclass(frozen=True, slots=True)
 class JobResult:
+    """How one ``TransferJob`` ended on one rank; a handler returns each job's result once.
+
+    Args:
+        job_id: the ``TransferJob.job_id`` it reports on.
+        ok: True when every block of the job arrived and was verified.
+        num_bytes: bytes the job moved (0 when it failed).
+        error: why it failed, for logs and the leader; ``None`` when ``ok``.
+        bad_block_hashes: blocks found corrupt on read (a slot header or checksum that did not
+            match, or the worker's own record of the slot); the leader drops them from the
+            tier's index.
+        finished_at: ``time.monotonic()`` when the job finished (the latency metrics use it).
+    """
+
     job_id: int
     ok: bool
     num_bytes: int = 0
@@ -133,14 +146,34 @@ class TransferHandler(ABC):
     dst_medium: str
 
     @abstractmethod
-    def submit(self, jobs: Sequence[TransferJob], ready: Any = None) -> None: ...
+    def submit(self, jobs: Sequence[TransferJob], ready: Any = None) -> None:
+        """Start ``jobs`` and return at once, never blocking on I/O.
+
+        Args:
+            jobs: jobs whose ``(src, dst)`` is this handler's media pair.
+            ready: an opaque fence the jobs wait for before reading their source (on a GPU, a
+                CUDA event recorded after the forward pass); ``None``: the source is ready now.
+
+        Returns:
+            Nothing; a job that cannot run is reported failed by ``poll``, not raised here.
+        """
 
     @abstractmethod
-    def poll(self) -> list[JobResult]: ...
+    def poll(self) -> list[JobResult]:
+        """Collect what finished, without waiting.
+
+        Returns:
+            The results of the jobs that finished since the last poll, each job exactly once.
+        """
 
     @property
     @abstractmethod
-    def num_pending(self) -> int: ...
+    def num_pending(self) -> int:
+        """Jobs submitted whose results ``poll`` has not returned yet.
+
+        Returns:
+            That count; 0 means every submitted job has been reported.
+        """
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Finish or cancel what is in flight; idempotent."""

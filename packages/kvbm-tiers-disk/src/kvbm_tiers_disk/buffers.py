@@ -5,18 +5,22 @@ O_DIRECT needs every buffer address and length aligned to the device's logical b
 - ``aligned_array(num_bytes)``: a page-aligned ``uint8`` numpy array (anonymous mmap).
 - ``aligned_tensor(num_bytes, pin)``: a 4 KiB-aligned ``uint8`` CPU tensor, pinned when asked
   and CUDA is available (the bounce buffer between disk and GPU).
+- ``as_buffer(array)``: an array typed as a ``Buffer``, for ``os.preadv``/``pwritev`` and xxhash.
 """
 
 from __future__ import annotations
 
 import mmap
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
 from kvbm_tiers_disk.slot_format import ALIGN
 
-__all__ = ["aligned_array", "aligned_tensor"]
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
+
+__all__ = ["aligned_array", "aligned_tensor", "as_buffer"]
 
 
 def aligned_array(num_bytes: int) -> np.ndarray:
@@ -31,3 +35,9 @@ def aligned_tensor(num_bytes: int, pin: bool) -> Any:
     raw = torch.empty(num_bytes + ALIGN, dtype=torch.uint8, pin_memory=pin)
     start = (-raw.data_ptr()) % ALIGN
     return raw[start : start + num_bytes]
+
+
+def as_buffer(array: np.ndarray) -> Buffer:
+    # Every ndarray exports the buffer protocol, but numpy's stubs declare
+    # ``ndarray.__buffer__`` only for Python 3.12+, so for 3.11 mypy needs telling.
+    return cast("Buffer", array)

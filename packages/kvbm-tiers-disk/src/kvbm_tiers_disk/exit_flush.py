@@ -2,8 +2,9 @@
 
 TensorRT-LLM never calls a connector's ``shutdown()``: an engine process simply exits, at the
 end of the interpreter (``atexit`` runs) or on SIGTERM (a process manager stopping it; the
-default action ends the process without ``atexit``). Each open disk tier is registered here
-and its index written on either path, so blocks stored before the exit are found again.
+default action ends the process without ``atexit``). Each open disk tier's index
+(:class:`~kvbm_tiers_disk.persistent_index.PersistentIndex`) is registered here and written
+on either path, so blocks stored before the exit are found again.
 
 Operations (worker process):
 - ``register(flushable)``: flush it at exit (held weakly: a closed, collected tier is skipped).

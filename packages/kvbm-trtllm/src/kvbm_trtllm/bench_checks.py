@@ -15,6 +15,7 @@ from typing import Any
 
 from kvbm_core.config import ConfigError, KvbmConfig
 from kvbm_core.private_dir import ensure_private_dir
+from kvbm_trtllm.bench_options import BenchError
 
 __all__ = ["check_tiers", "check_before_runs", "bytes_per_block"]
 
@@ -31,8 +32,6 @@ def bytes_per_block(options: Any) -> int:
 
 def check_tiers(options: Any, pools: dict[str, int]) -> None:
     """At least one tier, each of at least one block (before any kvbm setting is built)."""
-    from kvbm_trtllm.bench import BenchError
-
     if not options.tiers:
         raise BenchError("--tiers names no tier, so there would be nothing to bench; use "
                          "--tiers cpu or --tiers cpu,disk")
@@ -44,8 +43,6 @@ def check_tiers(options: Any, pools: dict[str, int]) -> None:
 
 def check_before_runs(options: Any, pools: dict[str, int], settings: dict[str, Any]) -> None:
     """The run's kvbm settings against this machine: sizes in blocks, memory, --disk-dir."""
-    from kvbm_trtllm.bench import BenchError
-
     try:
         config = KvbmConfig.from_env(overrides=settings)
         num_bytes = bytes_per_block(options)
@@ -63,8 +60,6 @@ def check_before_runs(options: Any, pools: dict[str, int], settings: dict[str, A
 
 def _check_host_memory(num_bytes: int) -> None:
     from kvbm_tiers_cpu.memory import check_host_memory
-    from kvbm_trtllm.bench import BenchError
-
     try:
         check_host_memory(num_bytes)
     except ConfigError as exc:

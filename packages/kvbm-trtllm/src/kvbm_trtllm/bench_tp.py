@@ -2,9 +2,9 @@
 local etcd and nats-server that this module starts on free loopback ports (and stops).
 
 ``run_tp_bench(options, workload, model_config, pool_config, connector, llm_args)`` returns a
-:class:`~kvbm_trtllm.bench.RunOutcome` with rank 0's result and its leader's stats.
+:class:`~kvbm_trtllm.bench_outcome.RunOutcome` with rank 0's result and its leader's stats.
 ``local_services()`` is the context manager behind it: ``(etcd_endpoint, nats_url)``;
-it raises :class:`~kvbm_trtllm.bench.BenchError` when a binary is missing.
+it raises :class:`~kvbm_trtllm.bench_options.BenchError` when a binary is missing.
 """
 
 from __future__ import annotations
@@ -18,14 +18,14 @@ from pathlib import Path
 from typing import Any
 
 from kvbm_discovery.local_servers import EtcdServer, NatsServer, find_binary
+from kvbm_trtllm.bench_options import BenchError
+from kvbm_trtllm.bench_outcome import RunOutcome, leader_stats
 
 __all__ = ["run_tp_bench", "local_services"]
 
 
 @contextlib.contextmanager
 def local_services() -> Iterator[tuple[str, str]]:
-    from kvbm_trtllm.bench import BenchError
-
     etcd, nats = find_binary("etcd"), find_binary("nats-server")
     if etcd is None or nats is None:
         missing = " and ".join(n for n, b in (("etcd", etcd), ("nats-server", nats)) if b is None)
@@ -45,13 +45,10 @@ def local_services() -> Iterator[tuple[str, str]]:
 
 
 def _leader_stats(executor: Any) -> Any:
-    from kvbm_trtllm.bench import leader_stats
-
     return leader_stats(executor.scheduler) if hasattr(executor.scheduler, "stats") else None
 
 
 def run_tp_bench(options, workload, model_config, pool_config, connector, llm_args):
-    from kvbm_trtllm.bench import RunOutcome
     from kvbm_trtllm.executor import run_tp
 
     # The progress callback cannot follow the ranks into their processes.

@@ -16,6 +16,8 @@ Operations:
 - ``forward_error()``: why this iteration's forward pass must not run (a load it needs failed),
   or ``None``; the connector raises it inside the engine's forward step.
 - ``take_load_errors()``: GPU block ids whose load failed, for engines that have that API.
+- ``probe_transfer(src, dst, block_hashes, job_id)``: one timed job on the idle engine, for
+  ``kvbm bench``'s transfer rates (a :class:`TransferProbe`).
 
 Trust: the worker delivers only blocks whose identity it verified itself. Every job reading a
 tier names the block hash of each slot; a tier that checks slots itself (the disk tier's
@@ -51,7 +53,7 @@ from kvbm_trtllm.pool_layout import layout_from_layers, layout_from_pool
 
 log = logging.getLogger("kvbm.worker")
 
-__all__ = ["KvbmWorkerCore", "WorkerSetup", "layout_from_pool", "layout_from_layers"]
+__all__ = ["KvbmWorkerCore", "WorkerSetup", "TransferProbe", "layout_from_pool", "layout_from_layers"]
 
 _POLL_SECS = 0.01
 
@@ -64,6 +66,16 @@ class WorkerSetup:
     head_dim: int | None = None
     device: str = "cpu"
     model_id: str | None = None
+
+
+@dataclass(frozen=True)
+class TransferProbe:
+    """One job timed by ``KvbmWorkerCore.probe_transfer``: what it moved and what came back."""
+
+    num_blocks: int
+    num_bytes: int
+    seconds: float  # wall clock from submit until the results came back (or the wait ended)
+    results: list[JobResult]  # empty when none came back in time
 
 
 class KvbmWorkerCore:
@@ -106,6 +118,40 @@ class KvbmWorkerCore:
         """Keep the poller off the engine, so a caller waiting on its own jobs gets their results."""
         with self._io_lock:
             yield self.engine
+
+    def probe_transfer(
+        self, src: str, dst: str, block_hashes: Sequence[int], job_id: int, timeout_s: float = 60.0
+    ) -> TransferProbe | None:
+        """Time one job moving slots ``0..n-1`` of ``src`` into the same slots of ``dst``.
+
+        For benchmarks, while no plan is in flight: it overwrites the first slots of ``dst``
+        and names block ``i`` ``block_hashes[i]``, so a later probe reading them back passes
+        verification. The poller is held off, so the job's results come back here.
+
+        Args:
+            src: the medium read (``gpu``, ``cpu``, ``disk``).
+            dst: the medium written.
+            block_hashes: one hash per block; ``n`` is at most its length and both tiers' sizes.
+            job_id: an id no plan uses.
+            timeout_s: how long to wait for the results.
+
+        Returns:
+            ``None`` when no handler moves ``src`` -> ``dst`` or a side has no slots; otherwise
+            the job's size, its wall-clock seconds and the results that came back.
+        """
+        if (src, dst) not in self.engine.pairs or self.layout is None:
+            return None
+        n = min(len(block_hashes), self.storages[src].num_slots, self.storages[dst].num_slots)
+        if n <= 0:
+            return None
+        ids = tuple(range(n))
+        job = TransferJob(job_id, src, dst, ids, ids, tuple(block_hashes[:n]))
+        with self.holding_engine() as engine:
+            started = time.perf_counter()
+            engine.submit([job], None)
+            results = engine.wait(timeout=timeout_s)
+            seconds = time.perf_counter() - started
+        return TransferProbe(n, n * self.layout.bytes_per_block, seconds, results)
 
     # ---- start-up --------------------------------------------------------------------------
 

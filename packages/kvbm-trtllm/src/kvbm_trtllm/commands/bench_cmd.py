@@ -14,7 +14,7 @@ __all__ = ["add_parser", "run", "options_from_args"]
 
 
 def add_parser(subparsers) -> None:
-    from kvbm_trtllm.bench import MODEL_PRESETS, WORKLOADS
+    from kvbm_trtllm.bench_options import MODEL_PRESETS, WORKLOADS
 
     parser = subparsers.add_parser(
         "bench",
@@ -63,7 +63,7 @@ def add_parser(subparsers) -> None:
 
 
 def options_from_args(args: argparse.Namespace):
-    from kvbm_trtllm.bench import BenchOptions
+    from kvbm_trtllm.bench_options import BenchOptions
 
     tiers = tuple(t.strip() for t in args.tiers.split(",") if t.strip())
     return BenchOptions(
