@@ -320,3 +320,23 @@ def test_worker_refuses_a_load_of_host_slots_it_never_wrote():
     assert torch.equal(pool[8:13], before), "a refused job copies nothing to the GPU"
     assert request.context_current_position == 0, "what failed verification is recomputed"
     close(worker, leader)
+
+
+def test_a_transfer_probe_over_stored_host_slots_makes_their_blocks_unloadable():
+    leader, worker, pool = connector({"cpu_cache_override_num_blocks": 64})
+    store_prompt(leader, worker, pool)
+    leader.build_connector_meta(SchedulerOutput([], []))
+    # kvbm bench's probe writes the first host slots, where the prompt's blocks are.
+    probe = worker.core.probe_transfer("gpu", "cpu", list(range(10**6, 10**6 + 16)), job_id=10**9)
+    assert probe is not None and probe.results and all(r.ok for r in probe.results)
+    request = TrtllmRequest(2, PROMPT)
+    assert leader.get_num_new_matched_tokens(request, 0) == (64, True), "the leader still lists them"
+    request.context_current_position = 64
+    leader.update_state_after_alloc(request, [8, 9, 10, 11, 12])
+    before = pool[8:13].clone()
+    iteration(leader, worker, SchedulerOutput([], []), layers=False)
+    assert wait_loaded(leader, worker, 2)
+    assert worker.core.counters["verify_failures"] >= 1
+    assert torch.equal(pool[8:13], before), "the probe's bytes never reach the GPU as the prompt's"
+    assert request.context_current_position == 0
+    close(worker, leader)

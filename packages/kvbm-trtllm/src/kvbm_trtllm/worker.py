@@ -125,8 +125,9 @@ class KvbmWorkerCore:
         """Time one job moving slots ``0..n-1`` of ``src`` into the same slots of ``dst``.
 
         For benchmarks, while no plan is in flight: it overwrites the first slots of ``dst``
-        and names block ``i`` ``block_hashes[i]``, so a later probe reading them back passes
-        verification. The poller is held off, so the job's results come back here.
+        and records block ``i`` there as ``block_hashes[i]``, so a real load of a block that
+        was stored in those slots before is refused. The poller is held off, so the job's
+        results come back here.
 
         Args:
             src: the medium read (``gpu``, ``cpu``, ``disk``).
@@ -147,10 +148,17 @@ class KvbmWorkerCore:
         ids = tuple(range(n))
         job = TransferJob(job_id, src, dst, ids, ids, tuple(block_hashes[:n]))
         with self.holding_engine() as engine:
+            # The probe overwrites real slots: the records must say so, or a later load of a
+            # block stored there before would verify against bytes the probe wrote.
+            records = self.records.get(dst)
+            if records is not None:
+                records.prepare_write(job)
             started = time.perf_counter()
             engine.submit([job], None)
             results = engine.wait(timeout=timeout_s)
             seconds = time.perf_counter() - started
+            if records is not None:
+                records.complete_write(job, bool(results) and all(r.ok for r in results))
         return TransferProbe(n, n * self.layout.bytes_per_block, seconds, results)
 
     # ---- start-up --------------------------------------------------------------------------
