@@ -69,8 +69,14 @@ def own_nats() -> Iterator[NatsServer]:
     server.stop()
 
 
+# The deployment secret of every test that talks to etcd or NATS (they refuse to run unsigned).
+TEST_SECRET = "kvbm-test-secret-0123456789abcdef"
+
+
 def make_config(namespace: str, etcd: EtcdServer | None = None, nats: NatsServer | None = None, **extra: object) -> KvbmConfig:
-    values: dict[str, object] = {"namespace": namespace, "leader_worker_init_timeout_secs": 10}
+    values: dict[str, object] = {
+        "namespace": namespace, "leader_worker_init_timeout_secs": 10, "control_secret": TEST_SECRET,
+    }
     if etcd is not None:
         values["discovery"] = "etcd"
         values["etcd_endpoints"] = etcd.endpoint

@@ -72,7 +72,7 @@ def test_malformed_and_foreign_control_messages_are_ignored(shared_nats, namespa
     sender.send_to_leader(Completions(0, (JobResult(1, True),)))
     assert isinstance(inbox.get(5), Completions)
     assert leader.num_malformed == 4
-    assert "ignoring a malformed message" in caplog.text
+    assert "dropping a message" in caplog.text
     assert inbox.get(0.2) is None
     leader.close()
     sender.close()
@@ -202,17 +202,15 @@ def test_unicast_survives_a_server_restart_in_order_without_repeats(own_nats, na
 
 def test_a_repeated_message_is_delivered_once(shared_nats, namespace, config_factory) -> None:
     from kvbm_discovery import encode
-    from kvbm_discovery.nats_control import SENDER_HEADER, SEQ_HEADER
+    from kvbm_discovery.envelope import seal
 
     config = config_factory(namespace, nats=shared_nats)
     leader, other = NatsControlChannel(config), NatsControlChannel(config)
     inbox = leader.leader_inbox()
-    headers = {SENDER_HEADER: "retrying-worker", SEQ_HEADER: "1"}
-    payload = encode(WorkerError(3, "once"))
+    subject = f"kvbm.{namespace}.control.leader"
+    sealed = seal(other.secret, "retrying-worker", 1, subject, encode(WorkerError(3, "once")))
     for _ in range(2):  # as after a lost acknowledgement
-        reply = other.connection.call(
-            lambda: other.connection.nc.request(f"kvbm.{namespace}.control.leader", payload, timeout=2, headers=headers)
-        )
+        reply = other.connection.call(lambda: other.connection.nc.request(subject, sealed, timeout=2))
         assert reply.data == b"ok"
     assert inbox.get(2) == WorkerError(3, "once")
     assert inbox.get(0.2) is None and leader.num_duplicates == 1
