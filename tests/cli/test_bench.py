@@ -124,9 +124,12 @@ def test_bench_on_cuda_without_a_gpu_says_so(kvbm, tmp_path):
 
 
 @pytest.mark.services
-def test_bench_tp2_ranks_meet_over_local_etcd_and_nats(kvbm, tmp_path, require_services):
+def test_bench_tp2_ranks_meet_over_local_etcd_and_nats(kvbm, tmp_path, require_services, monkeypatch):
     """TP=2: one process per rank; kvbm's ranks meet over an etcd and a nats-server that the
     bench starts on free loopback ports. Outputs still match the TP=2 recompute."""
+    # etcd and NATS need the deployment secret; the ranks inherit it. (Until the bench makes a
+    # fresh one for the servers it starts itself.)
+    monkeypatch.setenv("KVBM_CONTROL_SECRET", "bench-test-control-secret-0123456789")
     result = kvbm("bench", "--model", "tiny", "--tp", "2", "--sessions", "3", "--rounds", "2",
                   "--no-progress", "-o", tmp_path)
     assert result.code == 0, result.err
