@@ -124,9 +124,10 @@ def test_bench_on_cuda_without_a_gpu_says_so(kvbm, tmp_path):
 
 
 @pytest.mark.services
-def test_bench_tp2_ranks_meet_over_local_etcd_and_nats(kvbm, tmp_path, require_services):
+def test_bench_tp2_ranks_meet_over_local_etcd_and_nats(kvbm, tmp_path, require_services, monkeypatch):
     """TP=2: one process per rank; kvbm's ranks meet over an etcd and a nats-server that the
     bench starts on free loopback ports. Outputs still match the TP=2 recompute."""
+    monkeypatch.delenv("KVBM_CONTROL_SECRET", raising=False)
     result = kvbm("bench", "--model", "tiny", "--tp", "2", "--sessions", "3", "--rounds", "2",
                   "--no-progress", "-o", tmp_path)
     assert result.code == 0, result.err
@@ -134,6 +135,8 @@ def test_bench_tp2_ranks_meet_over_local_etcd_and_nats(kvbm, tmp_path, require_s
     assert report["options"]["tp"] == 2
     assert report["outputs_match"] is True
     assert report["with_kvbm"]["kvbm_config"]["discovery"] == "etcd"
+    # The bench signs its own servers' control plane with a fresh secret it never writes out.
+    assert "control_secret" not in report["with_kvbm"]["kvbm_config"]
     tiers = report["tier_tokens"]
     assert tiers["host"] + tiers["disk"] == report["with_kvbm"]["summary"]["num_connector_hit_tokens"] > 0
     # Bytes count every rank's share of a block: two ranks, two halves.

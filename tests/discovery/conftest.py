@@ -69,8 +69,14 @@ def own_nats() -> Iterator[NatsServer]:
     server.stop()
 
 
+# The deployment secret of every test that talks to etcd or NATS (they refuse to run unsigned).
+TEST_SECRET = "kvbm-test-secret-0123456789abcdef"
+
+
 def make_config(namespace: str, etcd: EtcdServer | None = None, nats: NatsServer | None = None, **extra: object) -> KvbmConfig:
-    values: dict[str, object] = {"namespace": namespace, "leader_worker_init_timeout_secs": 10}
+    values: dict[str, object] = {
+        "namespace": namespace, "leader_worker_init_timeout_secs": 10, "control_secret": TEST_SECRET,
+    }
     if etcd is not None:
         values["discovery"] = "etcd"
         values["etcd_endpoints"] = etcd.endpoint
@@ -117,3 +123,24 @@ def tls_nats(tls_files: TlsFiles) -> Iterator[NatsServer]:
 @pytest.fixture
 def require_binary_fn():
     return require_binary
+
+
+@pytest.fixture
+def mtls_etcd(tmp_path: Path, tls_files: TlsFiles) -> Iterator[EtcdServer]:
+    """etcd over TLS that accepts only clients with a certificate signed by the test CA."""
+    server = EtcdServer(require_binary("etcd"), tmp_path, tls=tls_files, client_cert_auth=True)
+    server.start()
+    yield server
+    server.stop()
+
+
+NATS_USER, NATS_PASSWORD = "kvbm", "nats-test-password"
+
+
+@pytest.fixture
+def auth_nats() -> Iterator[NatsServer]:
+    """nats-server that refuses every login but NATS_USER / NATS_PASSWORD."""
+    server = NatsServer(require_binary("nats-server"), user=NATS_USER, password=NATS_PASSWORD)
+    server.start()
+    yield server
+    server.stop()

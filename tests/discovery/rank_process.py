@@ -21,7 +21,7 @@ def main() -> int:
     for name in ("--etcd", "--nats", "--namespace"):
         parser.add_argument(name, required=True)
     args = parser.parse_args()
-    config = KvbmConfig.from_mapping({
+    config = KvbmConfig.from_env(overrides={  # the secret comes in KVBM_CONTROL_SECRET
         "namespace": args.namespace, "discovery": "etcd", "etcd_endpoints": args.etcd,
         "nats_url": args.nats, "leader_worker_init_timeout_secs": 30,
     })  # fmt: skip

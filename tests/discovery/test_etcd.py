@@ -75,7 +75,8 @@ def test_killed_process_lapses_within_the_lease_ttl(shared_etcd, namespace, conf
     config = config_factory(namespace, shared_etcd)
     script = (
         "import sys, kvbm_core, kvbm_discovery.etcd as e, kvbm_discovery as k\n"
-        f"c = kvbm_core.KvbmConfig(namespace={namespace!r}, etcd_endpoints=({shared_etcd.endpoint!r},))\n"
+        f"c = kvbm_core.KvbmConfig(namespace={namespace!r}, etcd_endpoints=({shared_etcd.endpoint!r},), "
+        f"control_secret={config.control_secret!r})\n"
         f"d = e.EtcdDiscovery(c, lease_ttl_secs={TTL}); d.register(k.InstanceInfo('worker', rank=5))\n"
         "print('up', flush=True); sys.stdin.read()\n"
     )
@@ -177,24 +178,27 @@ def test_watch_reports_members_that_left_while_etcd_was_down(own_etcd, namespace
 
 
 def test_foreign_and_malformed_keys_are_ignored(shared_etcd, namespace, config_factory, caplog) -> None:
+    """Only signed values under the lease they were signed for are registrations: plain JSON,
+    a lease-less key and junk are skipped and counted, live or in the first snapshot."""
     etcdctl = [require_etcdctl(), "--endpoints", shared_etcd.endpoint]
     prefix = f"kvbm/{namespace}/instances/"
     with EtcdDiscovery(config_factory(namespace, shared_etcd), lease_ttl_secs=TTL) as discovery:
         discovery.register(InstanceInfo("leader"))
         subprocess.run([*etcdctl, "put", prefix + "worker-0", "not json"], check=True, capture_output=True)
-        subprocess.run([*etcdctl, "put", prefix + "worker-1", InstanceInfo("worker", rank=7).to_json()],
+        subprocess.run([*etcdctl, "put", prefix + "worker-1", InstanceInfo("worker", rank=1).to_json()],
                        check=True, capture_output=True)  # fmt: skip
-        subprocess.run([*etcdctl, "put", prefix + "worker-2", InstanceInfo("worker", rank=2).to_json()],
-                       check=True, capture_output=True)  # fmt: skip
-        assert discovery.wait_for_peers(0, timeout=5)
-        deadline = time.monotonic() + 5
-        while discovery.get("worker-2") is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert [i.instance_id for i in discovery.list_instances()] == ["leader", "worker-2"]
-        assert discovery.num_ignored == 2
-        assert "ignoring etcd key" in caplog.text
-    with EtcdDiscovery(config_factory(namespace, shared_etcd), lease_ttl_secs=TTL) as late:
-        assert late.num_ignored == 2 and late.get("worker-2") is not None  # the snapshot path too
+        with EtcdDiscovery(config_factory(namespace, shared_etcd), lease_ttl_secs=TTL) as worker2:
+            worker2.register(InstanceInfo("worker", rank=2))
+            assert discovery.wait_for_peers(0, timeout=5)
+            deadline = time.monotonic() + 5
+            while discovery.get("worker-2") is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert [i.instance_id for i in discovery.list_instances()] == ["leader", "worker-2"]
+            assert discovery.get("worker-2").sender == worker2.sender_id
+            assert discovery.num_ignored == 2
+            assert "ignoring etcd key" in caplog.text and "no lease" in caplog.text
+            with EtcdDiscovery(config_factory(namespace, shared_etcd), lease_ttl_secs=TTL) as late:
+                assert late.num_ignored == 2 and late.get("worker-2") is not None  # the snapshot path too
 
 
 def require_etcdctl() -> str:

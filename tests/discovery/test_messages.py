@@ -54,6 +54,33 @@ def test_malformed_control_messages_are_rejected(payload: bytes) -> None:
         decode(payload)
 
 
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"[" * 100_000,  # a RecursionError inside json before the bounds
+        b'{"a":' * 100_000,
+        b'{"kvbm": 1, "kind": "WorkerError", "rank": 0, "error": "' + b"x" * (9 * 1024 * 1024) + b'"}',
+        b'{"kvbm": 1, "kind": "StoredBlocks", "rank": 0, "tier": "../../etc", "blocks": []}',
+        b'{"kvbm": 1, "kind": "TierSizes", "num_slots": {"cpu": 1099511627777}}',
+        b'{"kvbm": 1, "kind": "TierSizes", "num_slots": {' + b", ".join(b'"t%d": 1' % i for i in range(33)) + b"}}",
+    ],
+)
+def test_oversized_deep_and_out_of_bounds_messages_are_rejected(payload: bytes) -> None:
+    with pytest.raises(MessageError):
+        decode(payload)
+    with pytest.raises(MessageError):
+        InstanceInfo.from_json(payload)
+
+
+def test_a_900kb_worker_error_is_clipped_when_made_sent_and_received() -> None:
+    huge = "x" * 900_000
+    assert len(WorkerError(1, huge).error) < 2100
+    assert len(decode(encode(WorkerError(1, huge))).error) < 2100
+    wire = b'{"kvbm": 1, "kind": "Completions", "rank": 0, "results": [{"job_id": 1, "ok": false, "error": "'
+    received = decode(wire + b"y" * 900_000 + b'"}]}')
+    assert len(received.results[0].error) < 2100 and received.results[0].error.endswith("cut)")
+
+
 def test_instance_info_round_trip_with_layout() -> None:
     layout = KvLayout(num_layers=4, tokens_per_block=16, num_kv_heads=8, head_dim=64)
     info = InstanceInfo("worker", rank=1, world_size=2, bytes_per_block=layout.bytes_per_block, layout=layout,

@@ -4,6 +4,7 @@ the leader within the lease TTL; a worker that exits cleanly leaves at once."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -12,6 +13,8 @@ from pathlib import Path
 import pytest
 
 from kvbm_discovery import Completions, InstanceInfo, TierSizes, make_etcd_services
+
+from .conftest import TEST_SECRET
 
 pytestmark = pytest.mark.services
 TTL = 2
@@ -23,7 +26,8 @@ def _spawn(rank: int, etcd, nats, namespace: str) -> subprocess.Popen:
         sys.executable, str(SCRIPT), "--rank", str(rank), "--num-workers", "2", "--ttl", str(TTL),
         "--etcd", etcd.endpoint, "--nats", nats.url, "--namespace", namespace,
     ]  # fmt: skip
-    return subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    env = {**os.environ, "KVBM_CONTROL_SECRET": TEST_SECRET}
+    return subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
 
 
 def test_leader_and_two_worker_processes(shared_etcd, shared_nats, namespace, config_factory) -> None:

@@ -21,6 +21,7 @@ from kvbm_discovery import (
 )
 from kvbm_discovery.nats_control import NatsControlChannel
 from kvbm_discovery.nats_events import NatsEventListener, NatsEventSink
+from kvbm_discovery.testing import wait_until
 
 pytestmark = pytest.mark.services
 
@@ -29,14 +30,6 @@ def _kvbm_threads() -> list[str]:
     """kvbm threads besides the one etcd loop a process keeps for all its clients."""
     return sorted(t.name for t in threading.enumerate() if t.name.startswith("kvbm-") and t.name != "kvbm-etcd")
 
-
-def _wait(predicate, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
 
 
 def test_control_channel_between_connections(shared_nats, namespace, config_factory) -> None:
@@ -72,7 +65,7 @@ def test_malformed_and_foreign_control_messages_are_ignored(shared_nats, namespa
     sender.send_to_leader(Completions(0, (JobResult(1, True),)))
     assert isinstance(inbox.get(5), Completions)
     assert leader.num_malformed == 4
-    assert "ignoring a malformed message" in caplog.text
+    assert "dropping a message" in caplog.text
     assert inbox.get(0.2) is None
     leader.close()
     sender.close()
@@ -86,7 +79,7 @@ def test_event_sink_publishes_batches_on_the_worker_subject(shared_nats, namespa
     sink.publish(events[:200])
     sink.publish(events[200:] + [BlockRemoved("cpu", (0,)), AllBlocksCleared("disk")])
     received = []
-    assert _wait(lambda: received.extend(listener.poll()) or sum(len(b.events) for b in received) >= 252)
+    assert wait_until(lambda: received.extend(listener.poll()) or sum(len(b.events) for b in received) >= 252)
     assert {b.worker_id for b in received} == {"w3"} and {b.namespace for b in received} == {namespace}
     assert [e for b in sorted(received, key=lambda b: b.seq) for e in b.events] == [
         *events, BlockRemoved("cpu", (0,)), AllBlocksCleared("disk")
@@ -147,7 +140,7 @@ def test_outage_buffers_boundedly_and_delivers_after_restart(own_nats, namespace
     sink.publish([BlockRemoved("cpu", (0,))])
     assert listener.get(5) is not None
     own_nats.stop()
-    assert _wait(lambda: not sink.is_connected and listener.connection.num_disconnects >= 1)
+    assert wait_until(lambda: not sink.is_connected and listener.connection.num_disconnects >= 1)
     for i in range(1, 151):
         sink.publish([BlockRemoved("cpu", (i,))])
     stats = sink.stats()
@@ -155,10 +148,10 @@ def test_outage_buffers_boundedly_and_delivers_after_restart(own_nats, namespace
     time.sleep(2.0)  # longer than the few tries allowed at start: reconnects must not give up
     with sink._lock:  # see docstring
         own_nats.start()
-        assert _wait(lambda: listener.connection.num_reconnects >= 1)
+        assert wait_until(lambda: listener.connection.num_reconnects >= 1)
         time.sleep(0.2)  # the listener's SUB reaches the server right after its reconnect
     received = []
-    assert _wait(lambda: received.extend(listener.poll()) or sum(len(b.events) for b in received) >= 100)
+    assert wait_until(lambda: received.extend(listener.poll()) or sum(len(b.events) for b in received) >= 100)
     hashes = [e.block_hashes[0] for b in received for e in b.events]
     assert hashes == list(range(1, 101))
     sink.close()
@@ -188,7 +181,7 @@ def test_unicast_survives_a_server_restart_in_order_without_repeats(own_nats, na
     worker.send_to_leader(WorkerError(0, "before"))
     assert inbox.get(5) == WorkerError(0, "before")
     own_nats.stop()
-    assert _wait(lambda: not worker.connection.is_connected)
+    assert wait_until(lambda: not worker.connection.is_connected)
     for i in range(5):
         worker.send_to_leader(Completions(0, (JobResult(i, True),)))  # returns at once
     own_nats.start()
@@ -202,17 +195,15 @@ def test_unicast_survives_a_server_restart_in_order_without_repeats(own_nats, na
 
 def test_a_repeated_message_is_delivered_once(shared_nats, namespace, config_factory) -> None:
     from kvbm_discovery import encode
-    from kvbm_discovery.nats_control import SENDER_HEADER, SEQ_HEADER
+    from kvbm_discovery.envelope import seal
 
     config = config_factory(namespace, nats=shared_nats)
     leader, other = NatsControlChannel(config), NatsControlChannel(config)
     inbox = leader.leader_inbox()
-    headers = {SENDER_HEADER: "retrying-worker", SEQ_HEADER: "1"}
-    payload = encode(WorkerError(3, "once"))
+    subject = f"kvbm.{namespace}.control.leader"
+    sealed = seal(other.secret, "retrying-worker", 1, subject, encode(WorkerError(3, "once")))
     for _ in range(2):  # as after a lost acknowledgement
-        reply = other.connection.call(
-            lambda: other.connection.nc.request(f"kvbm.{namespace}.control.leader", payload, timeout=2, headers=headers)
-        )
+        reply = other.connection.call(lambda: other.connection.nc.request(subject, sealed, timeout=2))
         assert reply.data == b"ok"
     assert inbox.get(2) == WorkerError(3, "once")
     assert inbox.get(0.2) is None and leader.num_duplicates == 1
@@ -224,5 +215,5 @@ def test_undeliverable_unicast_is_counted_not_blocking(shared_nats, namespace, c
     config = config_factory(namespace, nats=shared_nats)
     channel = NatsControlChannel(config, delivery_timeout_secs=0.5)
     channel.send_to_worker(9, TierSizes({"cpu": 1}))  # no rank 9 anywhere
-    assert _wait(lambda: channel.num_undelivered == 1, timeout=5)
+    assert wait_until(lambda: channel.num_undelivered == 1, timeout=5)
     channel.close()

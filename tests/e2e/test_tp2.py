@@ -33,6 +33,7 @@ def test_tp2_outputs_equal_recompute_through_etcd_and_nats(e2e, tmp_path):
             "discovery": "etcd",
             "etcd_endpoints": etcd.endpoint,
             "nats_url": nats.url,
+            "control_secret": "tp2-test-control-secret-0123456789",
             "leader_worker_init_timeout_secs": 60,
         }
         args = replace(e2e.llm_args(kvbm), tensor_parallel_size=2)

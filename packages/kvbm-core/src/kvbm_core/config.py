@@ -200,13 +200,20 @@ class KvbmConfig:
     namespace: str = "kvbm"
     etcd_endpoints: tuple[str, ...] = ("127.0.0.1:2379",)
     etcd_user: str | None = None
-    etcd_password: str | None = None
+    etcd_password: str | None = field(default=None, repr=False)
     etcd_ca_cert: str | None = None
     etcd_cert_key: str | None = None
     etcd_cert_cert: str | None = None
     nats_url: str | None = None
     nats_creds: str | None = None
     nats_tls_ca: str | None = None
+    nats_user: str | None = None
+    nats_password: str | None = field(default=None, repr=False)
+    # The deployment secret every control message and etcd registration is signed with
+    # (kvbm_discovery.control_secret); repr=False keeps it out of logs and tracebacks.
+    control_secret: str | None = field(default=None, repr=False)
+    control_secret_file: str | None = None
+    control_insecure: bool = False
     events: bool = False
     model_id: str | None = None
     disabled_plugins: tuple[str, ...] = ()
@@ -371,6 +378,11 @@ _PARSERS: dict[str, Any] = {
     "nats_url": _parse_optional_text,
     "nats_creds": _parse_optional_text,
     "nats_tls_ca": _parse_optional_text,
+    "nats_user": _parse_optional_text,
+    "nats_password": _parse_optional_text,
+    "control_secret": _parse_optional_text,
+    "control_secret_file": _parse_optional_text,
+    "control_insecure": _parse_bool,
     "events": _parse_bool,
     "model_id": _parse_optional_text,
     "disabled_plugins": _parse_list,

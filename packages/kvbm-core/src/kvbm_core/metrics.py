@@ -42,6 +42,10 @@ COUNTERS: dict[str, str] = {
     "evicted_blocks_disk": "Blocks evicted from disk",
     "store_skipped_full": "Blocks not stored because the tier was full of pinned blocks",
     "events_dropped": "KV events dropped by a sink that could not keep up",
+    "control_rejected_messages": "Control messages refused: unsigned, badly signed, replayed from "
+    "another sender, malformed, oversized or failing validation",
+    "control_dropped_messages": "Control messages refused because the leader's inbox was full "
+    "(NATS senders retry them)",
 }
 GAUGES: dict[str, str] = {
     "host_cache_hit_rate": "Share of looked-up tokens found in host memory (last 1000 requests)",

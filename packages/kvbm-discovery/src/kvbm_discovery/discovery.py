@@ -24,7 +24,13 @@ Operations:
 - ``close()``: withdraw this process's registrations and stop background work; idempotent.
 
 Registry values that are not valid ``InstanceInfo`` JSON (foreign or malformed keys under our
-prefix) are ignored with a warning and counted in ``num_ignored``.
+prefix, values over ``MAX_INFO_BYTES`` or nested deeper than ``MAX_DEPTH``; on etcd also
+values not signed with the deployment secret or not held under a lease) are ignored with a
+rate-limited warning and counted in ``num_ignored``.
+
+``sender_id``: this process's incarnation id (see :mod:`kvbm_discovery.envelope`); ``register``
+stamps it on the ``InstanceInfo`` as ``sender``, so receivers of control messages can check
+that a message claiming an instance comes from the process that registered it.
 """
 
 from __future__ import annotations
@@ -37,10 +43,13 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from kvbm_core.layout import KvLayout
+from kvbm_discovery.bounded_json import MAX_DEPTH, loads_bounded
+from kvbm_discovery.bounded_log import RateLimitedLog, clip
+from kvbm_discovery.envelope import new_sender_id
 from kvbm_discovery.errors import BarrierTimeoutError, MessageError
 
 __all__ = [
@@ -59,6 +68,7 @@ log = logging.getLogger(__name__)
 LEADER = "leader"
 WORKER = "worker"
 _VERSION = "0.1.0"
+MAX_INFO_BYTES = 64 * 1024
 
 
 def leader_id() -> str:
@@ -82,6 +92,9 @@ class InstanceInfo:
     pid: int = field(default_factory=os.getpid)
     version: str = _VERSION
     metadata: Mapping[str, str] = field(default_factory=dict)
+    # Who registered it (the registering process's sender id); not part of the JSON: on etcd
+    # it comes from the signed envelope around it.
+    sender: str = ""
 
     def __post_init__(self) -> None:
         if self.role not in (LEADER, WORKER):
@@ -126,10 +139,7 @@ class InstanceInfo:
     @classmethod
     def from_json(cls, data: bytes | str) -> InstanceInfo:
         """Parse and validate; raises :class:`MessageError` on anything else."""
-        try:
-            wire = json.loads(data)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise MessageError(f"instance info is not JSON: {exc}") from None
+        wire = loads_bounded(data, "instance info", MAX_INFO_BYTES, MAX_DEPTH)
         if not isinstance(wire, dict) or wire.get("kvbm") != 1:
             raise MessageError("instance info is not a kvbm (version 1) object")
         try:
@@ -149,7 +159,7 @@ class InstanceInfo:
                 metadata={str(k): str(v) for k, v in metadata.items()},
             )
         except (KeyError, TypeError, ValueError) as exc:
-            raise MessageError(f"invalid instance info: {exc!r}") from None
+            raise MessageError(f"invalid instance info: {clip(repr(exc), 300)}") from None
 
     def describe(self) -> str:
         return f"{self.instance_id} (pid {self.pid} on {self.host})"
@@ -199,10 +209,12 @@ class _Barrier:
 class Discovery(ABC):
     """Base of every backend: a thread-safe membership view fed by ``_apply``/``_replace_all``."""
 
-    def __init__(self, namespace: str, barrier_timeout_secs: float) -> None:
+    def __init__(self, namespace: str, barrier_timeout_secs: float, sender_id: str | None = None) -> None:
         self.namespace = namespace
         self.barrier_timeout_secs = barrier_timeout_secs
+        self.sender_id = sender_id or new_sender_id()
         self.num_ignored = 0
+        self._ignored_log = RateLimitedLog(log)
         self._cond = threading.Condition()
         self._members: dict[str, InstanceInfo] = {}
         self._watchers: list[Callable[[MembershipEvent], None]] = []
@@ -246,9 +258,14 @@ class Discovery(ABC):
         for instance_id, info in members.items():
             self._apply(instance_id, info)
 
+    def _stamped(self, info: InstanceInfo) -> InstanceInfo:
+        return replace(info, sender=self.sender_id)
+
     def _ignore(self, where: str, problem: Exception | str) -> None:
         self.num_ignored += 1
-        log.warning("kvbm discovery: ignoring %s: %s", where, problem)
+        self._ignored_log.warning(
+            clip(where, 200), "kvbm discovery: ignoring %s: %s", clip(where, 200), clip(str(problem), 300)
+        )
 
     @staticmethod
     def _notify(callback: Callable[[MembershipEvent], None], event: MembershipEvent) -> None:

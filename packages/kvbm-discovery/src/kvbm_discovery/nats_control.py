@@ -4,33 +4,43 @@ Subjects: ``kvbm.<ns>.control.leader``, ``kvbm.<ns>.control.worker.<rank>`` and
 ``kvbm.<ns>.control.workers`` (broadcast); JSON payloads (:mod:`kvbm_discovery.messages`).
 
 Delivery:
-- ``send_to_leader`` / ``send_to_worker`` are acknowledged: each message carries the
-  sender's id and a sequence number in NATS headers and is sent as a request; the receiver
-  replies once the message is in its inbox. The sender retries (through disconnects, server
-  restarts and a receiver that is not subscribed yet) until acknowledged or until
+- ``send_to_leader`` / ``send_to_worker`` are acknowledged: each message travels in a signed
+  envelope (:mod:`kvbm_discovery.envelope`: the sender's id, a sequence number and the
+  subject, HMAC-SHA256 with ``KVBM_CONTROL_SECRET``) and is sent as a request; the receiver
+  replies ``ok`` once the message is in its inbox, or ``retry`` when its inbox is full or the
+  sender's registration has not reached it yet. The sender retries (through disconnects,
+  server restarts and a receiver that is not subscribed yet) until acknowledged or until
   ``delivery_timeout_secs`` pass (then it is counted in ``num_undelivered`` and logged). One
   message at a time per channel, so order is kept; the receiver drops repeats by sequence
-  number, so a retry after a lost acknowledgement is not delivered twice.
+  number, so a retry after a lost acknowledgement is not delivered twice, and neither is a
+  replayed message.
 - ``broadcast`` is a plain publish (best effort): it reaches the workers subscribed at that
   moment. Send what must arrive with ``send_to_worker`` per rank.
+- Receiving: :class:`~kvbm_discovery.admission.Admission` decides, on the connection's loop
+  thread; what it refuses gets no reply, is counted (``num_rejected``, and on the inbox) and
+  is logged rate-limited.
 Opening an inbox returns only once the server has the subscription.
+
+The constructor needs the deployment secret (see :mod:`kvbm_discovery.control_secret`):
+without ``KVBM_CONTROL_SECRET`` / ``_FILE`` it raises ``ConfigError`` unless
+``KVBM_CONTROL_INSECURE=1``. ``roster`` (the discovery view) turns on the sender checks.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import socket
 import threading
 import time
-import uuid
 from typing import Any
 
 from kvbm_core.config import KvbmConfig
 from kvbm_discovery import messages
+from kvbm_discovery.admission import ADMIT, REPEAT, RETRY, Admission, Roster, Verdict
+from kvbm_discovery.bounded_log import RateLimitedLog
 from kvbm_discovery.control import ControlChannel, Inbox
-from kvbm_discovery.errors import MessageError
+from kvbm_discovery.control_secret import control_secret
+from kvbm_discovery.envelope import new_sender_id, seal
 from kvbm_discovery.naming import broadcast_subject, check_token, leader_subject, worker_subject
 from kvbm_discovery.nats_conn import NatsConnection
 
@@ -38,9 +48,9 @@ __all__ = ["NatsControlChannel"]
 
 log = logging.getLogger(__name__)
 
-SENDER_HEADER = "Kvbm-Sender"
-SEQ_HEADER = "Kvbm-Seq"
 _ACK = b"ok"
+_RETRY = b"retry"
+_PENDING_BYTES = 64 * 1024 * 1024
 
 
 class NatsControlChannel(ControlChannel):
@@ -50,19 +60,23 @@ class NatsControlChannel(ControlChannel):
         connect_timeout_secs: float = 3.0,
         delivery_timeout_secs: float = 60.0,
         ack_timeout_secs: float = 1.0,
+        sender_id: str | None = None,
+        roster: Roster | None = None,
     ) -> None:
         self.namespace = check_token(config.namespace)
         self.delivery_timeout_secs = delivery_timeout_secs
         self.ack_timeout_secs = ack_timeout_secs
-        self.sender_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self.num_malformed = 0
+        self.secret = control_secret(config, "the NATS control channel")
+        self.sender_id = sender_id or new_sender_id()
+        self.admission = Admission(self.secret, roster)
+        self._full_log = RateLimitedLog(log)
         self.num_duplicates = 0
         self.num_retries = 0
         self.num_undelivered = 0
         self._seq = 0
+        self._broadcast_seq = 0
         self._done_seq = 0
         self._seq_lock = threading.Lock()
-        self._last_seq: dict[str, int] = {}
         self._conn = NatsConnection(config, "control", connect_timeout_secs)
         self._outbox: asyncio.Queue[tuple[str, bytes, int]] = self._conn.call(self._start)
 
@@ -75,6 +89,13 @@ class NatsControlChannel(ControlChannel):
     def connection(self) -> NatsConnection:
         return self._conn
 
+    @property
+    def num_rejected(self) -> int:
+        """Messages refused: malformed, oversized, unsigned, badly signed or from the wrong sender."""
+        return self.admission.num_rejected
+
+    num_malformed = num_rejected  # type: ignore[assignment]  # the name of the interface
+
     # -- sending ----------------------------------------------------------------------------
 
     def send_to_leader(self, message: messages.Message) -> None:
@@ -84,7 +105,11 @@ class NatsControlChannel(ControlChannel):
         self._send_acked(worker_subject(self.namespace, rank), message)
 
     def broadcast(self, message: messages.Message) -> None:
-        self._conn.publish_soon(broadcast_subject(self.namespace), messages.encode(message))
+        subject = broadcast_subject(self.namespace)
+        payload = messages.encode(message)
+        with self._seq_lock:  # a stream of its own: publishes overtake acknowledged sends
+            self._broadcast_seq += 1
+            self._conn.publish_soon(subject, seal(self.secret, self.sender_id, self._broadcast_seq, subject, payload))
 
     def _send_acked(self, subject: str, message: messages.Message) -> None:
         payload = messages.encode(message)  # encode in the caller: a bad message raises here
@@ -105,7 +130,7 @@ class NatsControlChannel(ControlChannel):
                 )
 
     async def _deliver(self, subject: str, payload: bytes, seq: int) -> bool:
-        headers = {SENDER_HEADER: self.sender_id, SEQ_HEADER: str(seq)}
+        sealed = seal(self.secret, self.sender_id, seq, subject, payload)
         deadline = time.monotonic() + self.delivery_timeout_secs
         is_retry = False
         while time.monotonic() < deadline:
@@ -116,59 +141,63 @@ class NatsControlChannel(ControlChannel):
                 self.num_retries += 1
             is_retry = True
             try:
-                reply = await self._conn.nc.request(subject, payload, timeout=self.ack_timeout_secs, headers=headers)
+                reply = await self._conn.nc.request(subject, sealed, timeout=self.ack_timeout_secs)
             except Exception as exc:  # noqa: BLE001 - no responders, timeout, reconnecting: retry
                 log.debug("kvbm control: message %d to %s not acknowledged yet: %r", seq, subject, exc)
                 await asyncio.sleep(0.1)
                 continue
             if reply.data == _ACK:
                 return True
+            await asyncio.sleep(0.05)  # "retry": the receiver's inbox is full or it lacks our registration
         return False
 
     # -- receiving --------------------------------------------------------------------------
 
     def leader_inbox(self) -> Inbox:
-        return self._open([leader_subject(self.namespace)])
+        return self._open([leader_subject(self.namespace)], to_leader=True)
 
     def worker_inbox(self, rank: int) -> Inbox:
-        return self._open([worker_subject(self.namespace, rank), broadcast_subject(self.namespace)])
+        return self._open([worker_subject(self.namespace, rank), broadcast_subject(self.namespace)], to_leader=False)
 
-    def _is_repeat(self, headers: dict[str, str] | None) -> bool:
-        if not headers or SENDER_HEADER not in headers:
-            return False
-        try:
-            seq = int(headers.get(SEQ_HEADER, ""))
-        except ValueError:
-            return False
-        sender = headers[SENDER_HEADER]
-        if seq <= self._last_seq.get(sender, 0):
-            return True
-        self._last_seq[sender] = seq
-        return False
+    def _receive(self, inbox: Inbox, data: bytes, subject: str, to_leader: bool) -> bytes | None:
+        """The reply for one received message (``None``: none), after letting it in or not."""
+        verdict = self.admission.check(data, subject, to_leader)
+        if verdict.outcome == ADMIT:
+            return self._admit(inbox, verdict, len(data))
+        if verdict.outcome == REPEAT:
+            self.num_duplicates += 1
+            return _ACK
+        if verdict.outcome == RETRY:
+            return _RETRY
+        inbox.count_rejected()
+        return None
 
-    def _open(self, subjects: list[str]) -> Inbox:
+    def _admit(self, inbox: Inbox, verdict: Verdict, size: int) -> bytes:
+        assert verdict.message is not None
+        if not inbox.put(verdict.message, size):
+            self._full_log.warning("full", "kvbm control: inbox full (%d messages); the sender retries", len(inbox))
+            return _RETRY
+        self.admission.admitted(verdict)
+        return _ACK
+
+    def _open(self, subjects: list[str], to_leader: bool) -> Inbox:
         inbox = Inbox()
 
         async def on_message(msg: Any) -> None:
             try:
-                message = messages.decode(msg.data)
-            except MessageError as exc:
-                self.num_malformed += 1
-                log.warning("kvbm control: ignoring a malformed message on %s: %s", msg.subject, exc)
+                reply = self._receive(inbox, msg.data, msg.subject, to_leader)
+            except Exception:  # noqa: BLE001 - nothing a peer sends may end the subscription
+                log.exception("kvbm control: handling a message on %s failed", msg.subject)
                 return
-            if self._is_repeat(msg.headers):
-                self.num_duplicates += 1
-            else:
-                inbox.put(message)
-            if msg.reply:
+            if msg.reply and reply is not None:
                 try:
-                    await self._conn.nc.publish(msg.reply, _ACK)
+                    await self._conn.nc.publish(msg.reply, reply)
                 except Exception as exc:  # noqa: BLE001 - the sender retries; we drop the repeat
                     log.debug("kvbm control: acknowledgement failed: %r", exc)
 
         async def subscribe() -> None:
             for subject in subjects:
-                await self._conn.nc.subscribe(subject, cb=on_message)
+                await self._conn.nc.subscribe(subject, cb=on_message, pending_bytes_limit=_PENDING_BYTES)
             await self._conn.nc.flush(timeout=5)
 
         self._conn.call(subscribe, timeout=10)

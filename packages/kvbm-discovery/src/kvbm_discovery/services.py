@@ -6,7 +6,10 @@
 - ``inproc``: in-process discovery and control channel; event sink over NATS when
   ``KVBM_NATS_URL`` is set, else in-process.
 - ``etcd``: etcd discovery; control channel over NATS when ``KVBM_NATS_URL`` is set (ranks in
-  other processes need it), else in-process with a warning; event sink as above.
+  other processes need it), else in-process with a warning; event sink as above. Both
+  sign with the deployment secret (``KVBM_CONTROL_SECRET`` / ``_FILE``; a ``ConfigError``
+  naming them when missing, unless ``KVBM_CONTROL_INSECURE=1``) under one sender id, and
+  the control channel checks every sender against the etcd registrations.
 
 A server that does not answer at start raises :class:`ServiceUnavailableError` naming it,
 unless ``KVBM_DISCOVERY_FALLBACK_INPROC`` is set: then that part runs in-process, a warning
@@ -25,6 +28,7 @@ from kvbm_core.config import ConfigError, KvbmConfig
 from kvbm_core.events import EventSink
 from kvbm_discovery.control import ControlChannel
 from kvbm_discovery.discovery import Discovery
+from kvbm_discovery.envelope import new_sender_id
 from kvbm_discovery.errors import ServiceUnavailableError
 from kvbm_discovery.event_sink import DEFAULT_CAPACITY
 from kvbm_discovery.inproc import InProcControlChannel, InProcDiscovery, InProcEventSink
@@ -108,12 +112,13 @@ def make_etcd_services(config: KvbmConfig, lease_ttl_secs: int | None = None) ->
     namespace = check_token(config.namespace)
     ttl = lease_ttl_from_env() if lease_ttl_secs is None else lease_ttl_secs
     fallbacks: list[str] = []
+    sender_id = new_sender_id()  # one identity for this process's registrations and messages
 
     def inproc_discovery() -> Discovery:
         return InProcDiscovery(namespace, config.leader_worker_init_timeout_secs)
 
     def etcd_discovery() -> Discovery:
-        return EtcdDiscovery(config, lease_ttl_secs=ttl)
+        return EtcdDiscovery(config, lease_ttl_secs=ttl, sender_id=sender_id)
 
     try:
         discovery = etcd_discovery()
@@ -127,8 +132,13 @@ def make_etcd_services(config: KvbmConfig, lease_ttl_secs: int | None = None) ->
     if config.nats_url:
         from kvbm_discovery.nats_control import NatsControlChannel
 
+        # Senders are checked against etcd only: an in-process fallback sees no other process.
+        roster = discovery if isinstance(discovery, EtcdDiscovery) else None
         try:
-            control = NatsControlChannel(config)
+            control = NatsControlChannel(config, sender_id=sender_id, roster=roster)
+        except ConfigError:
+            discovery.close()
+            raise
         except ServiceUnavailableError as exc:
             if not config.discovery_fallback_inproc:
                 discovery.close()

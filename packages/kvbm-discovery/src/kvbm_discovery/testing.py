@@ -3,6 +3,8 @@
 ``require_binary`` skips the calling test where a server binary is missing, or fails it when
 ``KVBM_REQUIRE_SERVICES=1`` (CI), so a green run never hides an untested backend.
 ``make_tls_files`` makes a throw-away CA and server certificate (needs ``openssl``).
+``wait_until(predicate, timeout)`` waits for an event (a counter moving) with a deadline, so
+tests assert what happened, not how fast.
 
 Needs pytest (the ``testing`` extra); imports no server client.
 """
@@ -12,6 +14,8 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +32,7 @@ __all__ = [
     "free_port",
     "make_tls_files",
     "require_binary",
+    "wait_until",
 ]
 
 
@@ -44,15 +49,28 @@ def require_binary(name: str) -> str:
     pytest.skip(reason)
 
 
+def wait_until(predicate: Callable[[], object], timeout: float = 10.0) -> bool:
+    """``True`` once ``predicate()`` is true, ``False`` if ``timeout`` seconds pass first."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
 @dataclass(frozen=True)
 class TlsFiles:
     ca: Path
     cert: Path
     key: Path
+    client_cert: Path
+    client_key: Path
 
 
 def make_tls_files(directory: Path) -> TlsFiles:
-    """A throw-away CA and a server certificate for 127.0.0.1 (needs the openssl command)."""
+    """A throw-away CA, a server certificate for 127.0.0.1 and a client certificate (for
+    etcd's ``--client-cert-auth``), all signed by that CA (needs the openssl command)."""
     openssl = shutil.which("openssl")
     if openssl is None:
         pytest.skip("the openssl command is needed to make test certificates")
@@ -63,7 +81,14 @@ def make_tls_files(directory: Path) -> TlsFiles:
         ["req", *ec, "-keyout", "server.key", "-out", "server.csr", "-subj", f"/CN={LOOPBACK}"],
         ["x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
          "-out", "server.pem", "-days", "1", "-extfile", "san.cnf"],
+        ["req", *ec, "-keyout", "client.key", "-out", "client.csr", "-subj", "/CN=kvbm-test-client"],
+        ["x509", "-req", "-in", "client.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+         "-out", "client.pem", "-days", "1", "-extfile", "client.cnf"],
     ]  # fmt: skip
+    (directory / "client.cnf").write_text("extendedKeyUsage=clientAuth\n")
     for step in steps:
         subprocess.run([openssl, *step], cwd=directory, check=True, capture_output=True)
-    return TlsFiles(directory / "ca.pem", directory / "server.pem", directory / "server.key")
+    return TlsFiles(
+        directory / "ca.pem", directory / "server.pem", directory / "server.key",
+        directory / "client.pem", directory / "client.key",
+    )

@@ -10,6 +10,7 @@ it raises :class:`~kvbm_trtllm.bench_options.BenchError` when a binary is missin
 from __future__ import annotations
 
 import contextlib
+import secrets
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -56,7 +57,9 @@ def run_tp_bench(options, workload, model_config, pool_config, connector, llm_ar
     with contextlib.ExitStack() as stack:
         if "kvbm" in extra:
             etcd, nats = stack.enter_context(local_services())
-            extra["kvbm"] = {**extra["kvbm"], "discovery": "etcd", "etcd_endpoints": etcd, "nats_url": nats}
+            # The servers are this run's own, so a fresh secret signs its control plane.
+            extra["kvbm"] = {**extra["kvbm"], "discovery": "etcd", "etcd_endpoints": etcd,
+                             "nats_url": nats, "control_secret": secrets.token_hex(32)}
         result = run_tp(
             options.tp, workload, model_config, pool_config, connector,
             llm_args=replace(llm_args, extra=extra), max_batch_size=max(8, int(options.sessions)),
@@ -65,5 +68,8 @@ def run_tp_bench(options, workload, model_config, pool_config, connector, llm_ar
     outcome = RunOutcome(result, result.wall_s)
     if result.rank0_extra is not None:
         outcome.stats, outcome.latencies = result.rank0_extra
-    outcome.kvbm_config = extra.get("kvbm")
+    kvbm_config = extra.get("kvbm")
+    # The report is written to disk and shared; the secret stays out of it.
+    outcome.kvbm_config = None if kvbm_config is None else {
+        k: v for k, v in kvbm_config.items() if k != "control_secret"}
     return outcome

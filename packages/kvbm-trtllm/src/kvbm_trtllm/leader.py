@@ -41,6 +41,7 @@ from kvbm_core.manager import BlockManager, LoadOutcome, TierSlots
 from kvbm_core.metrics import KvbmStats
 from kvbm_core.plugins import get_plugin_manager, load_tier_specs
 from kvbm_core.transfer import CPU, DISK
+from kvbm_discovery.bounded_log import RateLimitedLog
 from kvbm_trtllm.trtllm_api import RequestData
 
 log = logging.getLogger("kvbm.leader")
@@ -96,6 +97,7 @@ class KvbmLeaderCore:
         self.model_id = model_id if model_id is not None else config.model_id
         self.stats = stats if stats is not None else KvbmStats()
         self.inbox = services.control.leader_inbox()
+        self._bad_message_log = RateLimitedLog(log)
         self.events: EventSink | None = services.make_event_sink("leader") if config.events else None
         self.manager: BlockManager | None = None
         self.error: BaseException | None = None
@@ -184,22 +186,39 @@ class KvbmLeaderCore:
         return self._ready.is_set() and self.manager is not None
 
     def drain_results(self) -> None:
-        from kvbm_discovery import Completions, StoredBlocks, WorkerError
-
         if self.manager is None:
             return
         for message in self.inbox.poll():
-            if getattr(message, "rank", 0) not in range(self.world_size):
-                log.warning("kvbm leader: ignoring a %s from rank %r (world size %d)",
-                            type(message).__name__, getattr(message, "rank", None), self.world_size)
-            elif isinstance(message, Completions):
-                self.manager.apply_results(message.rank, message.results)
-            elif isinstance(message, StoredBlocks):
-                self._restore(message)
-            elif isinstance(message, WorkerError):
-                log.error("kvbm worker rank %d reported: %.2000s", message.rank, message.error)
+            try:
+                self._handle(message)
+            except Exception as exc:  # nothing a peer sends may raise in the engine's thread
+                self.stats.add("control_rejected_messages")
+                self._bad_message_log.warning(
+                    "handle", "kvbm leader: dropping a %s it could not apply: %r",
+                    type(message).__name__, exc,
+                )
+        tally = self.inbox.take_tallies()
+        self.stats.add("control_rejected_messages", tally.num_rejected)
+        self.stats.add("control_dropped_messages", tally.num_dropped)
         for outcome in self.manager.take_load_outcomes():
             self._act_on(outcome)
+
+    def _handle(self, message: Any) -> None:
+        from kvbm_discovery import Completions, StoredBlocks, WorkerError
+
+        assert self.manager is not None
+        if getattr(message, "rank", 0) not in range(self.world_size):
+            self.stats.add("control_rejected_messages")
+            self._bad_message_log.warning(
+                "rank", "kvbm leader: ignoring a %s from rank %r (world size %d)",
+                type(message).__name__, getattr(message, "rank", None), self.world_size,
+            )
+        elif isinstance(message, Completions):
+            self.manager.apply_results(message.rank, message.results)
+        elif isinstance(message, StoredBlocks):
+            self._restore(message)
+        elif isinstance(message, WorkerError):
+            log.error("kvbm worker rank %d reported: %.2000s", message.rank, message.error)
 
     def _act_on(self, outcome: LoadOutcome) -> None:
         from kvbm_discovery import LoadRecovery
