@@ -188,6 +188,10 @@ class KvbmConfig:
     cpu_cache_override_num_blocks: int | None = None
     disk_cache_override_num_blocks: int | None = None
     leader_worker_init_timeout_secs: float = 1800.0
+    # Twice the control channel's delivery timeout (60 s of retries through a NATS outage): a
+    # completion the channel still delivers is never timed out first; far below the init
+    # timeout, which bounds how long a worker waits for the leader's verdict on a failed load.
+    job_timeout_secs: float = 120.0
     metrics: bool = False
     metrics_port: int = 6880
     # Every interface, as Dynamo's KVBM: Prometheus scrapes from another host (README: Safety).
@@ -353,6 +357,7 @@ _PARSERS: dict[str, Any] = {
     "cpu_cache_override_num_blocks": _parse_count,
     "disk_cache_override_num_blocks": _parse_count,
     "leader_worker_init_timeout_secs": _parse_seconds,
+    "job_timeout_secs": _parse_seconds,
     "metrics": _parse_bool,
     "metrics_port": _parse_port,
     "metrics_host": _parse_host,

@@ -24,6 +24,8 @@ Operations, in the order an engine calls them:
   drops the loaded blocks, and corrupt blocks leave the index.
 - ``cancel(request_id)``: forget a request that never ran (unpins its reads).
 - ``take_load_outcomes()``: what became of loads that failed (see below).
+- ``fail_late_jobs()``: fail the jobs some rank has not reported within ``job_timeout_secs``
+  of being sent (see below); the leader's background tick calls it.
 
 Blocks stored to the host are copied on to disk when the admission policy admits them (sighted
 twice by default: stored, then hit), so hot prefixes survive a restart. An admitted block's
@@ -35,6 +37,18 @@ blocks are looked up again (a corrupt block has left its tier by then); if every
 somewhere and the request has not been retried yet, a retry is planned for the ranks that
 failed. Otherwise the request's loads end in a :class:`LoadOutcome` naming the first token
 whose KV did not arrive: the engine must recompute from there, or fail the request.
+
+A job some rank never reports (a worker that hangs, completions lost in a control-channel
+outage longer than its retries) would pin its blocks and hold its request forever. Once
+``job_timeout_secs`` pass after it was sent, it fails as if the silent ranks had reported a
+failure (counted in ``timed_out_jobs``): a store's blocks leave the index unmatched (not counted
+as slot failures: the slot is not to blame), a load's request takes the failed-load path with no
+retry (the rank that did not answer would get it), pins are released. A late report of a
+timed-out job is ignored like any unknown job. Its slots may hold another block by then, so a
+late ok must never make anything matchable: that block becomes matchable only through its own
+store, reported by every rank, and each rank checks every read against what it last wrote
+there (the worker's slot records, the disk tier's headers), so bytes a late write left behind
+are refused, never served.
 """
 
 from __future__ import annotations
@@ -68,6 +82,7 @@ class BlockManager:
         events: EventSink | None = None,
         stats: KvbmStats | None = None,
         clock=time.monotonic,
+        job_timeout_secs: float | None = None,
     ) -> None:
         if block_size <= 0:
             raise ValueError(f"block_size must be positive, got {block_size}")
@@ -82,6 +97,8 @@ class BlockManager:
         self.events = events
         self.stats = stats if stats is not None else KvbmStats()
         self._clock = clock
+        self.job_timeout_secs = job_timeout_secs
+        self._next_deadline_check = 0.0
         self._requests: dict[int, _Request] = {}
         self._jobs: dict[int, _JobRecord] = {}
         self._queued: list[TransferJob] = []
@@ -320,7 +337,9 @@ class BlockManager:
         load_ids: dict[int, list[int]] = {}
         gpu_ids: dict[int, list[int]] = {}
         for job in jobs:
-            request_id = self._jobs[job.job_id].request_id
+            record = self._jobs[job.job_id]
+            self._set_deadline(record)
+            request_id = record.request_id
             if request_id is None:
                 continue
             gpu_ids.setdefault(request_id, []).append(job.job_id)
@@ -362,7 +381,9 @@ class BlockManager:
             removed = record.src_index.remove(record.bad_hashes)
             self.stats.add("corrupt_blocks", len(removed))
             self._note_evicted(record.src_index, removed, evicted=False)
-        if record.dst_index is not None:
+        if record.dst_index is not None and record.is_timed_out:
+            record.dst_index.remove(job.block_hashes)
+        elif record.dst_index is not None:
             record.dst_index.complete_store(job.block_hashes, record.ok)
         if not record.ok:
             self.stats.add("failed_transfers")
@@ -385,7 +406,8 @@ class BlockManager:
             self.stats.add("failed_loads")
             if request.is_sync_load:
                 return  # the worker failed that very forward step: nothing left to decide
-            retry = None if request.is_finished else self._plan_retry(request, record)
+            is_final = request.is_finished or record.is_timed_out
+            retry = None if is_final else self._plan_retry(request, record)
             if retry is not None:
                 self._load_outcomes.append(retry)
                 return
@@ -416,8 +438,34 @@ class BlockManager:
             slots = tuple(index.pin([h for _, h in group]))
             jobs.append(self._load_job(request, index, slots, position, ranks=ranks))
             position += len(slots)
+        for job in jobs:  # sent at once, in a LoadRecovery rather than a plan
+            self._set_deadline(self._jobs[job.job_id])
         self.stats.add("retried_loads")
         return LoadOutcome(request.request_id, tuple(jobs), tuple(ranks))
+
+    def _set_deadline(self, record: _JobRecord) -> None:
+        if self.job_timeout_secs is not None:
+            record.deadline = self._clock() + self.job_timeout_secs
+
+    def fail_late_jobs(self) -> list[int]:
+        """Fail every sent job not reported by all ranks by its deadline; their ids."""
+        now = self._clock()
+        if self.job_timeout_secs is None or now < self._next_deadline_check:
+            return []
+        # Called every few milliseconds: a scan of every job a few times a second is enough.
+        self._next_deadline_check = now + min(1.0, self.job_timeout_secs / 8)
+        late = [r for r in self._jobs.values() if r.deadline is not None and r.deadline <= now]
+        for record in late:
+            silent = sorted(record.remaining_ranks)
+            record.ok, record.is_timed_out = False, True
+            record.errors.append(f"rank(s) {silent}: no report within {self.job_timeout_secs:g} s")
+            record.failed_ranks.update(silent)
+            record.remaining_ranks.clear()
+            self._complete(record)
+        if late:
+            self.stats.add("timed_out_jobs", len(late))
+            self._flush_events()
+        return [record.job.job_id for record in late]
 
     def take_load_outcomes(self) -> list[LoadOutcome]:
         """What became of failed loads since the last call (see the module docstring)."""

@@ -12,7 +12,8 @@ Operations:
 - ``lock``: held by every caller of the manager (the engine's thread and the leader's own).
 - ``drain_results()``: apply the job results workers sent since the last call, and act on
   failed loads (below). A background thread calls it too, so results are acted on while the
-  engine runs no forward pass (a parked request may be all there is).
+  engine runs no forward pass (a parked request may be all there is). That thread also fails
+  jobs some rank has not reported within ``KVBM_JOB_TIMEOUT_SECS`` (``fail_late_jobs``).
 - ``track(request)`` / ``forget(request_id)``: the engine's request object, kept while the
   request may still have to be rewound.
 - ``salt_for(request, cache_salt)``: the block-hash seed of a request: the model identity, the
@@ -122,6 +123,8 @@ class KvbmLeaderCore:
         while not self._is_closed.wait(_TICK_SECS):
             try:
                 with self.lock:
+                    if self.manager is not None:
+                        self.manager.fail_late_jobs()
                     self.drain_results()
             except Exception:  # the thread must survive anything; the error is visible here
                 log.exception("kvbm leader: handling worker results failed")
@@ -153,6 +156,7 @@ class KvbmLeaderCore:
         return BlockManager(
             tiers, self.block_size, num_ranks=self.world_size, bytes_per_block=bytes_per_block,
             admission=admission, events=self.events, stats=self.stats,
+            job_timeout_secs=self.config.job_timeout_secs,
         )
 
     def _tier_sizes(self, bytes_per_block: int) -> dict[str, int]:
