@@ -21,7 +21,7 @@ class Clock:
 
 def make_manager(clock, num_ranks=2, num_host=8):
     return BlockManager(
-        [TierSlots("cpu", "cpu", num_host)], BS, num_ranks=num_ranks, clock=clock,
+        [TierSlots("cpu", num_host)], BS, num_ranks=num_ranks, clock=clock,
         job_timeout_secs=TIMEOUT,
     )
 
@@ -90,6 +90,6 @@ def test_only_sent_jobs_have_a_deadline_and_none_means_never():
     (job,) = manager.build_plan().jobs
     assert past_deadline(manager, clock) == [job.job_id]
 
-    patient = BlockManager([TierSlots("cpu", "cpu", 8)], BS, clock=clock)
+    patient = BlockManager([TierSlots("cpu", 8)], BS, clock=clock)
     store(patient, 1, PROMPT, [0, 1, 2, 3])
     assert past_deadline(patient, clock) == [] and patient.num_pending_jobs == 1
