@@ -20,7 +20,7 @@ from kvbm_core.transfer import JobResult
 def run(num_requests: int, num_iterations: int, block_size: int, prompt_len: int) -> dict:
     rng = random.Random(0)
     manager = BlockManager(
-        [TierSlots("cpu", "cpu", 200_000), TierSlots("disk", "disk", 400_000)],
+        [TierSlots("cpu", 200_000), TierSlots("disk", 400_000, stores_from=("cpu", "gpu"))],
         block_size,
         admission=FrequencyFilter(),  # the leader's default disk admission
     )

@@ -18,9 +18,9 @@ BS = 4
 
 
 def make_manager(num_host=8, num_disk=0, **kwargs):
-    tiers = [TierSlots("cpu", "cpu", num_host)]
+    tiers = [TierSlots("cpu", num_host)]
     if num_disk:
-        tiers.append(TierSlots("disk", "disk", num_disk))
+        tiers.append(TierSlots("disk", num_disk, stores_from=("cpu", "gpu")))
     return BlockManager(tiers, block_size=BS, **kwargs)
 
 

@@ -2,17 +2,32 @@
 
 It stays light (no torch at import): the leader only needs the spec, and imports the storage and
 handler modules when a worker builds the tier.
+
+Both halves of the tier: the leader sizes it from the option ``mmap_num_blocks`` (off by
+default; ``KVBM_MMAP_NUM_BLOCKS``, or ``tier_options: {mmap_num_blocks: N}`` in the kvbm
+mapping) and plans copies into it from the GPU only (``stores_from``: its handlers move
+GPU <-> mmap); the worker gets a storage and its two handlers.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import kvbm_core
-from kvbm_core import DevicePool, Storage, TierContext, TierSpec, TransferHandler
+from kvbm_core import DevicePool, KvbmConfig, Storage, TierContext, TierSpec, TransferHandler
+from kvbm_core.tier_options import TierOption, optional, positive_int
 
 TIER_NAME = "mmap"
 MEDIUM = "mmap"
+OPTIONS = (
+    TierOption("mmap_num_blocks", 0, positive_int),
+    TierOption("mmap_dir", None, optional(lambda name, value: str(value))),
+)
+
+
+def num_slots(config: KvbmConfig, options: Mapping[str, Any], bytes_per_block: int) -> int:
+    return int(options["mmap_num_blocks"])
 
 
 def make_storage(ctx: TierContext) -> Storage:
@@ -40,5 +55,8 @@ def kvbm_tier_specs() -> list[TierSpec]:
             make_storage=make_storage,
             make_handlers=make_handlers,
             description="KV blocks in a memory-mapped file (example third-party tier)",
+            num_slots=num_slots,
+            stores_from=(kvbm_core.GPU,),
+            options=OPTIONS,
         )
     ]

@@ -44,3 +44,5 @@ class _JobRecord:
     bad_hashes: set[int] = field(default_factory=set)
     failed_ranks: set[int] = field(default_factory=set)
     first_block: int = 0
+    deadline: float | None = None  # set once the job is sent: all ranks must report by then
+    is_timed_out: bool = False

@@ -61,6 +61,10 @@ OTHER_SETTING_NAMES = (
     "cpu_staging_mib",
     "cpu_zero_copy",
     "disk_backend",
+    "disk_io_threads",
+    "disk_io_depth",
+    "disk_index_flush_secs",
+    "disk_verify_on_open",
     "etcd_lease_ttl_secs",
     "require_services",
 )
@@ -171,6 +175,15 @@ def _parse_choice_free(name: str, value: Any) -> str:
     return text
 
 
+def _parse_mapping(name: str, value: Any) -> dict[str, Any]:
+    if isinstance(value, Mapping):
+        return {str(k): v for k, v in value.items()}
+    pairs = [item.split("=", 1) for item in _parse_list(name, value)]
+    if any(len(pair) != 2 or not pair[0].strip() for pair in pairs):
+        raise _fail(name, value, "a mapping, or name=value pairs separated by commas")
+    return {k.strip(): v.strip() for k, v in pairs}
+
+
 def _parse_text(name: str, value: Any) -> str:
     return str(value)
 
@@ -188,6 +201,10 @@ class KvbmConfig:
     cpu_cache_override_num_blocks: int | None = None
     disk_cache_override_num_blocks: int | None = None
     leader_worker_init_timeout_secs: float = 1800.0
+    # Twice the control channel's delivery timeout (60 s of retries through a NATS outage): a
+    # completion the channel still delivers is never timed out first; far below the init
+    # timeout, which bounds how long a worker waits for the leader's verdict on a failed load.
+    job_timeout_secs: float = 120.0
     metrics: bool = False
     metrics_port: int = 6880
     # Every interface, as Dynamo's KVBM: Prometheus scrapes from another host (README: Safety).
@@ -217,6 +234,8 @@ class KvbmConfig:
     events: bool = False
     model_id: str | None = None
     disabled_plugins: tuple[str, ...] = ()
+    # Raw values of the options tiers declare (kvbm_core.tier_options parses them, per tier).
+    tier_options: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.disk_enabled and not self.cpu_enabled:
@@ -360,6 +379,7 @@ _PARSERS: dict[str, Any] = {
     "cpu_cache_override_num_blocks": _parse_count,
     "disk_cache_override_num_blocks": _parse_count,
     "leader_worker_init_timeout_secs": _parse_seconds,
+    "job_timeout_secs": _parse_seconds,
     "metrics": _parse_bool,
     "metrics_port": _parse_port,
     "metrics_host": _parse_host,
@@ -386,5 +406,6 @@ _PARSERS: dict[str, Any] = {
     "events": _parse_bool,
     "model_id": _parse_optional_text,
     "disabled_plugins": _parse_list,
+    "tier_options": _parse_mapping,
 }
 assert set(_PARSERS) == {f.name for f in fields(KvbmConfig)}

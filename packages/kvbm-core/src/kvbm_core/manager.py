@@ -7,15 +7,15 @@ the engine's per-request calls into compact, picklable :class:`IterationPlan`s o
 
 Operations, in the order an engine calls them:
 - ``lookup(request_id, token_ids, num_computed_tokens, salt)``: the longest contiguous run of
-  full blocks after the device's own hit that the tiers hold (host first, disk continuing
-  where host stops, block by block), pinned for reading. Always leaves at least one prompt
+  full blocks after the device's own hit that the tiers hold (block by block, from the first
+  tier by level that holds each), pinned for reading. Always leaves at least one prompt
   token to compute. Returns a :class:`Match`.
 - ``prepare_load(request_id, block_ids)``: the GPU blocks the match loads into; queues the load
   jobs for the next plan.
 - ``schedule(request_id, new_tokens, new_block_ids, computed_position, num_scheduled_tokens)``:
-  the request's tokens and blocks so far; queues write-through stores (GPU -> host, or GPU ->
-  disk without a host tier) for every full block this iteration completes, skipping blocks
-  that came from a device or tier hit.
+  the request's tokens and blocks so far; queues write-through stores (GPU -> the top tier)
+  for every full block this iteration completes, skipping blocks that came from a device or
+  tier hit, and their write-back down the tiers below (see below).
 - ``build_plan()``: drains what was queued into one :class:`IterationPlan`.
 - ``finish(request_id)``: the request ended; True while jobs that touch its GPU blocks are
   pending (the engine must keep the blocks until the workers report them).
@@ -24,17 +24,36 @@ Operations, in the order an engine calls them:
   drops the loaded blocks, and corrupt blocks leave the index.
 - ``cancel(request_id)``: forget a request that never ran (unpins its reads).
 - ``take_load_outcomes()``: what became of loads that failed (see below).
+- ``fail_late_jobs()``: fail the jobs some rank has not reported within ``job_timeout_secs``
+  of being sent (see below); the leader's background tick calls it.
 
-Blocks stored to the host are copied on to disk when the admission policy admits them (sighted
-twice by default: stored, then hit), so hot prefixes survive a restart. An admitted block's
-host -> disk copy is planned with its GPU -> host store, chained behind it (``after_job_id``):
-it reaches the disk without waiting for another engine call.
+Tiers come top first (by ``TierSpec.level``: host memory, disk, then any plugin's), any
+number of them. A block goes down the tiers one at a time: each tier below the top takes the
+blocks its admission policy admits (the disk's: sighted twice, stored then hit, so hot
+prefixes survive a restart) from the tier above, when its handlers copy from that tier
+(``TierSlots.stores_from``), chained behind the job that writes them there (``after_job_id``):
+they reach every tier without waiting for another engine call. A tier that cannot copy from
+the tier above but can from the GPU is written from the GPU blocks beside the chain; one that
+can do neither is skipped. A block a tier did not take goes no further down. A hit in a tier
+is another sighting: its admitted blocks are copied down from there.
 
 A failed load never counts as loaded. When a request's load job fails on some rank, its
 blocks are looked up again (a corrupt block has left its tier by then); if every block is held
 somewhere and the request has not been retried yet, a retry is planned for the ranks that
 failed. Otherwise the request's loads end in a :class:`LoadOutcome` naming the first token
 whose KV did not arrive: the engine must recompute from there, or fail the request.
+
+A job some rank never reports (a worker that hangs, completions lost in a control-channel
+outage longer than its retries) would pin its blocks and hold its request forever. Once
+``job_timeout_secs`` pass after it was sent, it fails as if the silent ranks had reported a
+failure (counted in ``timed_out_jobs``): a store's blocks leave the index unmatched (not counted
+as slot failures: the slot is not to blame), a load's request takes the failed-load path with no
+retry (the rank that did not answer would get it), pins are released. A late report of a
+timed-out job is ignored like any unknown job. Its slots may hold another block by then, so a
+late ok must never make anything matchable: that block becomes matchable only through its own
+store, reported by every rank, and each rank checks every read against what it last wrote
+there (the worker's slot records, the disk tier's headers), so bytes a late write left behind
+are refused, never served.
 """
 
 from __future__ import annotations
@@ -44,6 +63,7 @@ import time
 from collections.abc import Iterable, Sequence
 
 from kvbm_core._records import _JobRecord, _Request
+from kvbm_core._stores import StorePlanner
 from kvbm_core.admission import AdmissionPolicy, AlwaysAdmit
 from kvbm_core.events import BlockRemoved, BlockStored, EventSink, KvEvent
 from kvbm_core.hashing import block_hashes
@@ -55,9 +75,11 @@ from kvbm_core.transfer import CPU, DISK, GPU, JobResult, TransferJob
 __all__ = ["BlockManager", "IterationPlan", "LoadOutcome", "Match", "TierSlots"]
 
 MAX_LOAD_RETRIES = 1
+# The built-in tiers' metrics keep Dynamo's names (host_*, disk_*); other tiers have none yet.
+_STAT_NAMES = {"cpu": "host", "disk": "disk"}
 
 
-class BlockManager:
+class BlockManager(StorePlanner):
     def __init__(
         self,
         tiers: Sequence[TierSlots],
@@ -68,6 +90,7 @@ class BlockManager:
         events: EventSink | None = None,
         stats: KvbmStats | None = None,
         clock=time.monotonic,
+        job_timeout_secs: float | None = None,
     ) -> None:
         if block_size <= 0:
             raise ValueError(f"block_size must be positive, got {block_size}")
@@ -75,13 +98,18 @@ class BlockManager:
         self.num_ranks = num_ranks
         self.bytes_per_block = bytes_per_block
         self.indexes = {tier.name: TierIndex(tier.name, tier.num_slots) for tier in tiers}
-        self._media = {tier.name: tier.medium for tier in tiers}
-        self.host = next((self.indexes[t.name] for t in tiers if t.medium == CPU), None)
-        self.disk = next((self.indexes[t.name] for t in tiers if t.medium == DISK), None)
+        self.tiers = list(tiers)
         self.admission: AdmissionPolicy = admission if admission is not None else AlwaysAdmit()
+        # The top tier takes every block the GPU computes (write-through).
+        self._admission = {
+            t.name: t.admission or (AlwaysAdmit() if i == 0 else self.admission)
+            for i, t in enumerate(self.tiers)
+        }
         self.events = events
         self.stats = stats if stats is not None else KvbmStats()
         self._clock = clock
+        self.job_timeout_secs = job_timeout_secs
+        self._next_deadline_check = 0.0
         self._requests: dict[int, _Request] = {}
         self._jobs: dict[int, _JobRecord] = {}
         self._queued: list[TransferJob] = []
@@ -115,15 +143,20 @@ class BlockManager:
         # Leave at least one prompt token to compute: never load the block holding the last token.
         last_loadable = min(len(request.hashes), (num_prompt - 1) // self.block_size)
         sources = self._match(request.hashes[first_block:last_loadable])
+        hits: dict[str, list[int]] = {}
         for index, group in itertools.groupby(sources, key=lambda s: s[0]):
             hashes = [h for _, h in group]
             slots = index.pin(hashes)
             request.load_sources.extend((index, slot) for slot in slots)
-        self._note_sightings([h for index, h in sources if index is self.host])
+            hits.setdefault(index.name, []).extend(hashes)
+        # A hit is another sighting: copies down from there, once every hit is pinned (a copy
+        # may evict in a lower tier).
+        for name, hashes in hits.items():
+            self._store_down(hashes, below=self.indexes[name])
+        by_tier = {name: len(hashes) for name, hashes in hits.items()}
         request.first_load_block = first_block
         request.num_skip_blocks = request.num_planned_blocks = first_block + len(sources)
-        num_host = sum(1 for index, _ in sources if index is self.host)
-        match = Match(len(sources) * self.block_size, num_host, len(sources) - num_host)
+        match = Match(len(sources) * self.block_size, by_tier)
         self.stats.record_lookup(
             num_prompt - num_computed_tokens,
             match.num_host_blocks * self.block_size,
@@ -135,22 +168,11 @@ class BlockManager:
     def _match(self, hashes: Sequence[int]) -> list[tuple[TierIndex, int]]:
         sources = []
         for block_hash in hashes:
-            if self.host is not None and self.host.is_readable(block_hash):
-                sources.append((self.host, block_hash))
-            elif self.disk is not None and self.disk.is_readable(block_hash):
-                sources.append((self.disk, block_hash))
-            else:
+            index = next((i for i in self.indexes.values() if i.is_readable(block_hash)), None)
+            if index is None:
                 break
+            sources.append((index, block_hash))
         return sources
-
-    def _note_sightings(self, host_hashes: Sequence[int]) -> None:
-        # A host hit is another sighting of a block: the admission policy may now send it to disk.
-        if self.disk is None:
-            return
-        disk = self.disk
-        admitted = [h for h in host_hashes if h not in disk and self.admission.should_admit(h)]
-        if admitted:
-            self._queue_host_to_disk(admitted)
 
     def prepare_load(self, request_id: int, block_ids: Sequence[int]) -> list[TransferJob]:
         """Queue the loads of ``lookup``'s match into ``block_ids`` (all of the request's blocks)."""
@@ -189,128 +211,14 @@ class BlockManager:
     ) -> TransferJob:
         end = first_block + len(slots)
         job = TransferJob(
-            next(self._job_ids), self._media[index.name], GPU, slots,
+            next(self._job_ids), index.name, GPU, slots,
             tuple(request.block_ids[first_block:end]), tuple(request.hashes[first_block:end]),
+            request_id=request.request_id,
         )
         self._record(job, request, src_index=index, src_slots=slots, ranks=ranks)
         self._jobs[job.job_id].first_block = first_block
         request.num_pending_loads += 1
         return job
-
-    # ---- stores ----------------------------------------------------------------------------
-
-    def schedule(
-        self,
-        request_id: int,
-        new_tokens: Sequence[int],
-        new_block_ids: Sequence[int],
-        computed_position: int,
-        num_scheduled_tokens: int,
-        is_new: bool = False,
-        salt: int | None = None,
-    ) -> None:
-        """Record a scheduled request's deltas and queue stores for blocks it completes.
-
-        ``is_new`` marks the request's first report, which carries its whole prompt and every
-        block allocated for it (the lookup already saw the prompt). ``salt`` is needed only
-        for a request ``lookup`` never saw; without one such a request is not stored.
-        """
-        request = self._requests.get(request_id)
-        if request is None:
-            if salt is None:
-                return  # its identity is unknown: storing it could serve it to another tenant
-            # A request kvbm never looked up (e.g. block reuse off): track it from here.
-            request = _Request(request_id, salt, [])
-            self._requests[request_id] = request
-        if is_new:
-            request.token_ids = list(new_tokens)
-            request.block_ids = list(new_block_ids)
-        else:
-            if new_tokens:
-                request.token_ids.extend(new_tokens)
-            if new_block_ids:
-                request.block_ids.extend(new_block_ids)
-        if is_new:
-            # On a sync load's first appearance the engine reports computed_position without the
-            # tokens kvbm loads in this very iteration; they are done all the same.
-            computed_position = max(computed_position, request.num_skip_blocks * self.block_size)
-        num_done = computed_position + num_scheduled_tokens
-        if num_done < (request.num_planned_blocks + 1) * self.block_size:
-            return  # the common decode step: no block completes
-        num_done = min(num_done, len(request.token_ids))
-        num_complete = min(num_done // self.block_size, len(request.block_ids))
-        if num_complete <= request.num_planned_blocks:
-            return
-        self._extend_hashes(request, num_complete)
-        first = request.num_planned_blocks
-        request.num_planned_blocks = num_complete
-        if first < request.num_skip_blocks:
-            first = request.num_skip_blocks
-        if first < num_complete:
-            self._queue_gpu_store(request, first, num_complete)
-
-    def _extend_hashes(self, request: _Request, num_blocks: int) -> None:
-        have = len(request.hashes)
-        if have >= num_blocks:
-            return
-        parent = request.hashes[-1] if have else None
-        tokens = request.token_ids[have * self.block_size : num_blocks * self.block_size]
-        request.hashes.extend(block_hashes(tokens, self.block_size, request.salt, parent))
-
-    def _queue_gpu_store(self, request: _Request, first: int, end: int) -> None:
-        index = self.host or self.disk
-        if index is None:
-            return
-        hashes = request.hashes[first:end]
-        allocation = index.prepare_store(hashes)
-        if allocation is None:
-            self.stats.add("store_skipped_full", len(hashes))
-            return
-        self._note_evicted(index, allocation.evicted_hashes)
-        self.stats.add("store_skipped_full", len(allocation.skipped_hashes))
-        if not allocation.block_hashes:
-            return
-        position = {h: first + i for i, h in enumerate(hashes)}
-        blocks = [position[h] for h in allocation.block_hashes]
-        gpu_ids = tuple(request.block_ids[b] for b in blocks)
-        job = TransferJob(
-            next(self._job_ids), GPU, self._media[index.name], gpu_ids, allocation.slots,
-            allocation.block_hashes,
-        )
-        token_blocks: tuple[tuple[int, ...], ...] = ()
-        parent = None
-        if self.events is not None:  # tokens are kept only to publish them
-            size = self.block_size
-            token_blocks = tuple(tuple(request.token_ids[b * size : (b + 1) * size]) for b in blocks)
-            parent = request.hashes[blocks[0] - 1] if blocks[0] else None
-        self._record(job, request, dst_index=index, token_blocks=token_blocks, parent_hash=parent)
-        self._queued.append(job)
-        if index is self.host and self.disk is not None:
-            disk = self.disk
-            admitted = [
-                h for h in allocation.block_hashes if h not in disk and self.admission.should_admit(h)
-            ]
-            if admitted:
-                self._queue_host_to_disk(admitted, after=job)
-
-    def _queue_host_to_disk(self, hashes: Sequence[int], after: TransferJob | None = None) -> None:
-        """Copy host blocks to disk: readable ones now, or ones ``after`` is still storing."""
-        assert self.host is not None and self.disk is not None
-        if after is None:
-            hashes = [h for h in hashes if self.host.is_readable(h)]
-        allocation = self.disk.prepare_store(hashes) if hashes else None
-        if allocation is None:
-            return
-        self._note_evicted(self.disk, allocation.evicted_hashes)
-        if not allocation.block_hashes:
-            return
-        src_slots = tuple(self.host.pin(allocation.block_hashes, allow_pending=after is not None))
-        job = TransferJob(
-            next(self._job_ids), CPU, DISK, src_slots, allocation.slots, allocation.block_hashes,
-            after_job_id=None if after is None else after.job_id,
-        )
-        self._record(job, None, src_index=self.host, src_slots=src_slots, dst_index=self.disk)
-        self._queued.append(job)
 
     # ---- plans and results -----------------------------------------------------------------
 
@@ -320,7 +228,8 @@ class BlockManager:
         load_ids: dict[int, list[int]] = {}
         gpu_ids: dict[int, list[int]] = {}
         for job in jobs:
-            request_id = self._jobs[job.job_id].request_id
+            self._set_deadline(self._jobs[job.job_id])
+            request_id = job.request_id
             if request_id is None:
                 continue
             gpu_ids.setdefault(request_id, []).append(job.job_id)
@@ -362,7 +271,9 @@ class BlockManager:
             removed = record.src_index.remove(record.bad_hashes)
             self.stats.add("corrupt_blocks", len(removed))
             self._note_evicted(record.src_index, removed, evicted=False)
-        if record.dst_index is not None:
+        if record.dst_index is not None and record.is_timed_out:
+            record.dst_index.remove(job.block_hashes)
+        elif record.dst_index is not None:
             record.dst_index.complete_store(job.block_hashes, record.ok)
         if not record.ok:
             self.stats.add("failed_transfers")
@@ -385,7 +296,8 @@ class BlockManager:
             self.stats.add("failed_loads")
             if request.is_sync_load:
                 return  # the worker failed that very forward step: nothing left to decide
-            retry = None if request.is_finished else self._plan_retry(request, record)
+            is_final = request.is_finished or record.is_timed_out
+            retry = None if is_final else self._plan_retry(request, record)
             if retry is not None:
                 self._load_outcomes.append(retry)
                 return
@@ -416,8 +328,34 @@ class BlockManager:
             slots = tuple(index.pin([h for _, h in group]))
             jobs.append(self._load_job(request, index, slots, position, ranks=ranks))
             position += len(slots)
+        for job in jobs:  # sent at once, in a LoadRecovery rather than a plan
+            self._set_deadline(self._jobs[job.job_id])
         self.stats.add("retried_loads")
         return LoadOutcome(request.request_id, tuple(jobs), tuple(ranks))
+
+    def _set_deadline(self, record: _JobRecord) -> None:
+        if self.job_timeout_secs is not None:
+            record.deadline = self._clock() + self.job_timeout_secs
+
+    def fail_late_jobs(self) -> list[int]:
+        """Fail every sent job not reported by all ranks by its deadline; their ids."""
+        now = self._clock()
+        if self.job_timeout_secs is None or now < self._next_deadline_check:
+            return []
+        # Called every few milliseconds: a scan of every job a few times a second is enough.
+        self._next_deadline_check = now + min(1.0, self.job_timeout_secs / 8)
+        late = [r for r in self._jobs.values() if r.deadline is not None and r.deadline <= now]
+        for record in late:
+            silent = sorted(record.remaining_ranks)
+            record.ok, record.is_timed_out = False, True
+            record.errors.append(f"rank(s) {silent}: no report within {self.job_timeout_secs:g} s")
+            record.failed_ranks.update(silent)
+            record.remaining_ranks.clear()
+            self._complete(record)
+        if late:
+            self.stats.add("timed_out_jobs", len(late))
+            self._flush_events()
+        return [record.job.job_id for record in late]
 
     def take_load_outcomes(self) -> list[LoadOutcome]:
         """What became of failed loads since the last call (see the module docstring)."""
@@ -445,7 +383,7 @@ class BlockManager:
 
     def _on_stored(self, record: _JobRecord) -> None:
         job = record.job
-        medium = self._media[record.dst_index.name] if record.dst_index else job.dst
+        medium = job.dst
         if record.token_blocks and self.events is not None:
             self._pending_events.append(
                 BlockStored(
@@ -459,11 +397,11 @@ class BlockManager:
     def _note_evicted(self, index: TierIndex, hashes: Sequence[int], evicted: bool = True) -> None:
         if not hashes:
             return
-        if evicted:
-            name = "evicted_blocks_host" if index is self.host else "evicted_blocks_disk"
-            self.stats.add(name, len(hashes))
+        name = _STAT_NAMES.get(index.name)
+        if evicted and name is not None:
+            self.stats.add(f"evicted_blocks_{name}", len(hashes))
         if self.events is not None:
-            self._pending_events.append(BlockRemoved(self._media[index.name], tuple(hashes)))
+            self._pending_events.append(BlockRemoved(index.name, tuple(hashes)))
 
     def _flush_events(self) -> None:
         if self._pending_events and self.events is not None:
@@ -472,7 +410,8 @@ class BlockManager:
         self._update_occupancy()
 
     def _update_occupancy(self) -> None:
-        for index, prefix in ((self.host, "host"), (self.disk, "disk")):
+        for name, prefix in _STAT_NAMES.items():
+            index = self.indexes.get(name)
             if index is not None:
                 self.stats.set(f"{prefix}_cache_used_blocks", index.num_used)
                 self.stats.set(f"{prefix}_cache_capacity_blocks", index.num_slots)

@@ -34,6 +34,7 @@ COUNTERS: dict[str, str] = {
     "lookup_tokens": "Prompt tokens looked up in kvbm tiers (beyond the GPU's own hit)",
     "requests": "Requests looked up",
     "failed_transfers": "Transfer jobs that failed",
+    "timed_out_jobs": "Transfer jobs failed because some rank did not report them within KVBM_JOB_TIMEOUT_SECS",
     "corrupt_blocks": "Blocks dropped because their bytes failed an integrity check",
     "failed_loads": "Load jobs into GPU blocks that failed on some rank",
     "retried_loads": "Failed loads retried from another copy of the same blocks",

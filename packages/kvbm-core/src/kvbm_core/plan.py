@@ -5,27 +5,49 @@ the leader's :class:`~kvbm_core.manager.BlockManager`, executed by every worker.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from kvbm_core.transfer import TransferJob
+from kvbm_core.transfer import GPU, TransferJob
+
+if TYPE_CHECKING:
+    from kvbm_core.admission import AdmissionPolicy
 
 __all__ = ["TierSlots", "Match", "IterationPlan", "LoadOutcome"]
 
 
 @dataclass(frozen=True, slots=True)
 class TierSlots:
-    """A tier the manager plans for: its name and medium, and its size in blocks."""
+    """A tier the manager plans for, as its :class:`~kvbm_core.plugins.TierSpec` describes it.
+
+    ``name`` is the tier's key everywhere (index, jobs' ``src``/``dst``, the worker's storage).
+    ``stores_from`` names the tiers (or ``"gpu"``) whose blocks its handlers copy in;
+    ``admission`` picks the blocks it takes from the tier above (``None``: the manager's
+    default for tiers below the top one).
+    """
 
     name: str
-    medium: str
     num_slots: int
+    stores_from: tuple[str, ...] = (GPU,)
+    admission: AdmissionPolicy | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class Match:
+    """What ``lookup`` found: tokens to load, and how many blocks each tier serves."""
+
     num_tokens: int = 0
-    num_host_blocks: int = 0
-    num_disk_blocks: int = 0
+    num_blocks_by_tier: Mapping[str, int] = field(default_factory=dict)
+
+    # Dynamo's host/disk names for the built-in tiers (its metrics are named that way).
+    @property
+    def num_host_blocks(self) -> int:
+        return self.num_blocks_by_tier.get("cpu", 0)
+
+    @property
+    def num_disk_blocks(self) -> int:
+        return self.num_blocks_by_tier.get("disk", 0)
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,6 +4,9 @@ Operations (any process):
 - ``get_plugin_manager(blocked=())``: a manager with the hookspecs added and every installed
   ``kvbm`` entry point registered under its entry-point name, except the blocked ones. An
   entry point that fails to load raises :class:`PluginLoadError` naming it and how to block it.
+- ``shared_plugin_manager(blocked=())``: the process's one such manager per ``blocked`` set
+  (the connector, leader and worker of a process share it; tests that register plugins into
+  a manager use ``get_plugin_manager``). Built again when the installed entry points change.
 - ``load_tier_specs(pm, required=())``: tier specs by name; a required tier that no plugin
   provides raises :class:`PluginNotFoundError` naming it (and, when plugins were blocked,
   saying that ``KVBM_DISABLED_PLUGINS`` disabled them rather than that they are missing).
@@ -21,8 +24,10 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 from kvbm_core import hookspecs
+from kvbm_core.tier_options import TierOption
 
 if TYPE_CHECKING:
+    from kvbm_core.admission import AdmissionPolicy
     from kvbm_core.config import KvbmConfig
     from kvbm_core.layout import KvLayout
     from kvbm_core.transfer import Storage, TransferHandler
@@ -35,6 +40,7 @@ __all__ = [
     "TierSpec",
     "DiscoveryBackendSpec",
     "get_plugin_manager",
+    "shared_plugin_manager",
     "load_tier_specs",
     "load_discovery_backend",
     "plugin_distributions",
@@ -66,13 +72,26 @@ class TierContext:
 
 @dataclass(frozen=True)
 class TierSpec:
-    """A tier contributed by a plugin.
+    """A tier contributed by a plugin: both halves, the leader's and the worker's.
 
-    ``make_storage(ctx)`` builds one rank's storage. ``make_handlers(storages, ctx)`` gets every
-    storage of the worker by medium (the GPU pool under ``"gpu"``) and returns the handlers for
-    the pairs this tier moves (each pair is handled by exactly one tier). ``requires`` names
-    the other tiers whose storages ``make_handlers`` needs (the disk tier's host<->disk
-    handlers need ``"cpu"``); the GPU pool is always there.
+    ``name`` is the tier's key everywhere: the leader's index, jobs' ``src``/``dst``, the
+    worker's storages and its handlers' media. ``medium`` must equal it (kept so plugins
+    written for 0.1 still construct). ``level`` orders the tiers, top (nearest the GPU) first.
+
+    The leader's half: ``num_slots(config, options, bytes_per_block)`` sizes the tier in blocks
+    (0, or no ``num_slots``: the tier is off); ``stores_from`` names the tiers (or ``"gpu"``)
+    whose blocks its handlers copy in, so the planner knows which copies it may plan (every
+    tier loads into the GPU); ``make_admission(config)`` picks the blocks it takes from the
+    tier above (``None``: the default); ``is_persistent`` trusts blocks its workers find from
+    before a restart (``Storage.persisted_blocks``). ``options`` declares its tuning knobs:
+    core reads and parses them once (:mod:`kvbm_core.tier_options`) into ``options`` here and
+    into ``TierContext.options`` on every worker.
+
+    The worker's half: ``make_storage(ctx)`` builds one rank's storage. ``make_handlers(storages,
+    ctx)`` gets every storage of the worker by tier name (the GPU pool under ``"gpu"``) and
+    returns the handlers for the pairs this tier moves (each pair is handled by exactly one
+    tier). ``requires`` names the other tiers whose storages ``make_handlers`` needs (the disk
+    tier's host<->disk handlers need ``"cpu"``); the GPU pool is always there.
     """
 
     name: str
@@ -82,6 +101,18 @@ class TierSpec:
     make_handlers: Callable[[Mapping[str, Storage], TierContext], list[TransferHandler]]
     description: str = ""
     requires: tuple[str, ...] = ()
+    num_slots: Callable[[KvbmConfig, Mapping[str, Any], int], int] | None = None
+    stores_from: tuple[str, ...] = ("gpu",)
+    make_admission: Callable[[KvbmConfig], AdmissionPolicy] | None = None
+    is_persistent: bool = False
+    options: tuple[TierOption, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.medium != self.name:
+            raise ValueError(
+                f"tier {self.name!r}: medium {self.medium!r} must equal the tier's name, which "
+                "is its key in jobs, storages and handlers"
+            )
 
 
 @dataclass(frozen=True)
@@ -99,6 +130,17 @@ def get_plugin_manager(blocked: Iterable[str] = ()) -> pluggy.PluginManager:
     for entry_point in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
         _load_entry_point(pm, entry_point)
     return pm
+
+
+_SHARED: dict[tuple[tuple[str, ...], tuple[str, ...]], pluggy.PluginManager] = {}
+
+
+def shared_plugin_manager(blocked: Iterable[str] = ()) -> pluggy.PluginManager:
+    installed = tuple(sorted(ep.value for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)))
+    key = (tuple(sorted(blocked)), installed)
+    if key not in _SHARED:
+        _SHARED[key] = get_plugin_manager(blocked)
+    return _SHARED[key]
 
 
 def _load_entry_point(pm: pluggy.PluginManager, entry_point: importlib.metadata.EntryPoint) -> None:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,6 +59,7 @@ class TransferJob:
     before a byte is delivered. ``after_job_id`` chains a job behind another of the same plan
     (a host -> disk copy behind the GPU -> host store that fills its source): each rank starts
     it once its own copy of that job succeeded, and fails it if that job failed.
+    ``request_id`` is the request whose GPU blocks the job reads or writes, if any.
     """
 
     job_id: int
@@ -68,6 +69,7 @@ class TransferJob:
     dst_ids: tuple[int, ...]
     block_hashes: tuple[int, ...] = ()
     after_job_id: int | None = None
+    request_id: int | None = None
 
     def __post_init__(self) -> None:
         if len(self.src_ids) != len(self.dst_ids):
@@ -118,6 +120,11 @@ class Storage(ABC):
 
     def host_view(self) -> np.ndarray | None:
         """A ``[num_slots, bytes_per_block]`` uint8 view when the bytes are host-addressable."""
+        return None
+
+    def persisted_blocks(self) -> Mapping[int, int] | None:
+        """``{hash: slot}`` a persistent tier found from before a restart; ``None`` when the
+        storage keeps nothing across restarts (the disk tier's ``DiskStorage`` overrides it)."""
         return None
 
     def close(self) -> None:  # noqa: B027 - optional hook

@@ -1,6 +1,7 @@
 """The ``cpu`` tier plugin (entry point ``cpu`` in group ``kvbm``).
 
-``kvbm_tier_specs()`` contributes tier ``cpu`` (medium ``cpu``, level 2):
+``kvbm_tier_specs()`` contributes tier ``cpu`` (level 2, the top tier), sized by
+``KVBM_CPU_CACHE_GB`` / ``KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS`` and written from the GPU:
 - ``make_storage(ctx)``: a :class:`PinnedHostStorage` of ``ctx.num_slots`` slots for rank
   ``ctx.rank``; pinned (in the background) when ``ctx.device`` is a CUDA device, plain memory
   otherwise. Its init deadline is ``config.leader_worker_init_timeout_secs``.
@@ -21,8 +22,9 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import kvbm_core
-from kvbm_core.config import ENV_PREFIXES, ConfigError
+from kvbm_core.config import ENV_PREFIXES, ConfigError, KvbmConfig
 from kvbm_core.plugins import TierContext, TierSpec
+from kvbm_core.tier_options import auto_flag
 from kvbm_core.transfer import CPU, GPU, DevicePool, Storage, TransferHandler
 from kvbm_tiers_cpu.handlers import DEFAULT_STAGING_BYTES, GpuToHostHandler, HostToGpuHandler
 from kvbm_tiers_cpu.storage import PinnedHostStorage
@@ -66,15 +68,6 @@ def _flag(name: str, value: Any) -> bool:
     raise ConfigError(f"{name}={value!r} is invalid: expected true/false (1/0, yes/no, on/off)")
 
 
-def _auto_flag(name: str, value: Any) -> bool | None:
-    if str(value).strip().lower() == "auto":
-        return None
-    try:
-        return _flag(name, value)
-    except ConfigError:
-        raise ConfigError(f"{name}={value!r} is invalid: expected auto, true or false") from None
-
-
 def check_options(ctx: TierContext) -> dict[str, Any]:
     """Every tuning option, parsed (``ConfigError`` naming a bad one): what ``make_storage``
     and ``make_handlers`` use, and what ``kvbm doctor`` checks."""
@@ -85,7 +78,7 @@ def check_options(ctx: TierContext) -> dict[str, Any]:
         "staging_bytes": tier_option(
             ctx, "cpu_staging_mib", DEFAULT_STAGING_BYTES >> 20, _positive_int
         ) << 20,
-        "zero_copy": tier_option(ctx, "cpu_zero_copy", None, _auto_flag),
+        "zero_copy": tier_option(ctx, "cpu_zero_copy", None, auto_flag),
     }
 
 
@@ -120,6 +113,10 @@ def make_handlers(storages: Mapping[str, Storage], ctx: TierContext) -> list[Tra
     ]
 
 
+def num_slots(config: KvbmConfig, options: Mapping[str, Any], bytes_per_block: int) -> int:
+    return config.num_cpu_blocks(bytes_per_block) if config.cpu_enabled else 0
+
+
 @kvbm_core.hookimpl
 def kvbm_tier_specs() -> list[TierSpec]:
     return [
@@ -130,5 +127,7 @@ def kvbm_tier_specs() -> list[TierSpec]:
             make_storage=make_storage,
             make_handlers=make_handlers,
             description="G2: pinned host memory, batched GPU<->host copies on dedicated streams",
+            num_slots=num_slots,
+            stores_from=(GPU,),
         )
     ]

@@ -5,7 +5,13 @@ rank's ``DiskStorage`` under ``config.disk_cache_dir``; ``make_handlers`` return
 for cpu -> disk and disk -> cpu (when the worker has a cpu tier) and gpu -> disk and
 disk -> gpu (when it has a GPU pool).
 
-Knobs read from ``TierContext.options`` (all optional): ``disk_io_threads`` (blocks in flight
+The leader's half: sized by ``KVBM_DISK_CACHE_GB`` / ``KVBM_DISK_CACHE_OVERRIDE_NUM_BLOCKS``;
+written from the cpu tier (write-back) or the GPU; admits blocks sighted twice unless
+``KVBM_DISABLE_DISK_OFFLOAD_FILTER``; persistent (its blocks are restored after a restart).
+
+Knobs read from ``TierContext.options`` (all optional; declared in ``OPTIONS``, so core fills
+them from ``KVBM_DISK_IO_THREADS`` and so on, or from ``tier_options`` in the kvbm mapping):
+``disk_io_threads`` (blocks in flight
 per direction, default 16), ``disk_io_depth`` (cap on I/O syscalls in flight, default none),
 ``disk_index_flush_secs`` (default 1: a stored block is in the index within a second), ``disk_verify_on_open``
 (check each persisted slot's header at start, default true), ``disk_backend`` (host <-> disk
@@ -22,8 +28,10 @@ from collections.abc import Mapping
 from typing import Any
 
 import kvbm_core
+from kvbm_core.admission import AdmissionPolicy, AlwaysAdmit, FrequencyFilter
 from kvbm_core.config import ENV_PREFIXES, ConfigError, KvbmConfig
 from kvbm_core.plugins import TierContext, TierSpec
+from kvbm_core.tier_options import TierOption, flag, optional, positive_float, positive_int
 from kvbm_core.transfer import CPU, DISK, GPU, DevicePool, Storage, TransferHandler
 from kvbm_tiers_disk.handlers import (
     DEFAULT_IO_THREADS,
@@ -185,6 +193,23 @@ def _host_handlers(
     return [HostToDiskHandler(rows, disk, num_threads), DiskToHostHandler(rows, disk, num_threads)]
 
 
+OPTIONS = (
+    TierOption("disk_io_threads", DEFAULT_IO_THREADS, positive_int),
+    TierOption("disk_io_depth", None, optional(positive_int)),
+    TierOption("disk_index_flush_secs", 1.0, positive_float),
+    TierOption("disk_verify_on_open", True, flag),
+    TierOption("disk_backend", "auto", lambda name, value: str(value)),
+)
+
+
+def num_slots(config: KvbmConfig, options: Mapping[str, Any], bytes_per_block: int) -> int:
+    return config.num_disk_blocks(bytes_per_block) if config.disk_enabled else 0
+
+
+def make_admission(config: KvbmConfig) -> AdmissionPolicy:
+    return AlwaysAdmit() if config.disable_disk_offload_filter else FrequencyFilter()
+
+
 @kvbm_core.hookimpl
 def kvbm_tier_specs() -> list[TierSpec]:
     return [
@@ -196,5 +221,10 @@ def kvbm_tier_specs() -> list[TierSpec]:
             make_handlers=make_handlers,
             description="G3: local disk, O_DIRECT slots with per-block checksums and a persistent index",
             requires=(CPU,),
+            num_slots=num_slots,
+            stores_from=(CPU, GPU),
+            make_admission=make_admission,
+            is_persistent=True,
+            options=OPTIONS,
         )
     ]

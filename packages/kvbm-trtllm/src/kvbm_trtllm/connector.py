@@ -47,7 +47,7 @@ from typing import Any
 
 from kvbm_core.config import KvbmConfig
 from kvbm_core.manager import IterationPlan
-from kvbm_core.plugins import get_plugin_manager, load_discovery_backend
+from kvbm_core.plugins import load_discovery_backend, shared_plugin_manager
 from kvbm_trtllm.leader import KvbmLeaderCore
 from kvbm_trtllm.pool_layout import layout_from_pool, model_facts, model_identity
 from kvbm_trtllm.trtllm_api import (
@@ -75,7 +75,7 @@ def load_config(llm_args: Any) -> KvbmConfig:
 
 
 def make_services(config: KvbmConfig) -> Any:
-    spec = load_discovery_backend(get_plugin_manager(config.disabled_plugins), config.discovery)
+    spec = load_discovery_backend(shared_plugin_manager(config.disabled_plugins), config.discovery)
     return spec.make(config)
 
 

@@ -5,14 +5,17 @@ no KV bytes.
 
 Operations:
 - ``start()``: in the background, wait for every worker rank to announce its layout (bounded
-  by ``LEADER_WORKER_INIT_TIMEOUT_SECS``), size the tiers (GB over the bytes of one block on
-  all ranks, or the block-count overrides), tell the workers, and build the block manager.
+  by ``LEADER_WORKER_INIT_TIMEOUT_SECS``), size every installed tier through its spec's
+  ``num_slots`` (the built-in ones: GB over the bytes of one block on all ranks, or the
+  block-count overrides), tell the workers, and build the block manager over the tiers that
+  have slots, by level.
   Engines build the leader and workers concurrently, so this must not block construction.
 - ``manager``: the :class:`~kvbm_core.manager.BlockManager`, once ready (``wait_ready``).
 - ``lock``: held by every caller of the manager (the engine's thread and the leader's own).
 - ``drain_results()``: apply the job results workers sent since the last call, and act on
   failed loads (below). A background thread calls it too, so results are acted on while the
-  engine runs no forward pass (a parked request may be all there is).
+  engine runs no forward pass (a parked request may be all there is). That thread also fails
+  jobs some rank has not reported within ``KVBM_JOB_TIMEOUT_SECS`` (``fail_late_jobs``).
 - ``track(request)`` / ``forget(request_id)``: the engine's request object, kept while the
   request may still have to be rewound.
 - ``salt_for(request, cache_salt)``: the block-hash seed of a request: the model identity, the
@@ -33,14 +36,13 @@ import logging
 import threading
 from typing import Any
 
-from kvbm_core.admission import AlwaysAdmit, FrequencyFilter
 from kvbm_core.config import KvbmConfig
 from kvbm_core.events import EventSink
 from kvbm_core.hashing import salt_hash
 from kvbm_core.manager import BlockManager, LoadOutcome, TierSlots
 from kvbm_core.metrics import KvbmStats
-from kvbm_core.plugins import get_plugin_manager, load_tier_specs
-from kvbm_core.transfer import CPU, DISK
+from kvbm_core.plugins import TierSpec, load_tier_specs, shared_plugin_manager
+from kvbm_core.tier_options import read_tier_options
 from kvbm_discovery.bounded_log import RateLimitedLog
 from kvbm_trtllm.trtllm_api import RequestData
 
@@ -105,6 +107,7 @@ class KvbmLeaderCore:
         self._registration = None
         self._salts: dict[tuple[str | None, str | None], int] = {}
         self._restored: dict[str, dict[int, dict[int, int]]] = {}
+        self._specs: dict[str, TierSpec] = {}
         self._requests: dict[int, Any] = {}
         # Whether this engine's RequestData carries cache_salt (TensorRT-LLM main does).
         self.request_data_has_salt = "cache_salt" in getattr(RequestData, "__dataclass_fields__", {})
@@ -124,6 +127,8 @@ class KvbmLeaderCore:
         while not self._is_closed.wait(_TICK_SECS):
             try:
                 with self.lock:
+                    if self.manager is not None:
+                        self.manager.fail_late_jobs()
                     self.drain_results()
             except Exception:  # the thread must survive anything; the error is visible here
                 log.exception("kvbm leader: handling worker results failed")
@@ -146,28 +151,36 @@ class KvbmLeaderCore:
         sizes = self._tier_sizes(bytes_per_block)
         for info in workers:  # per rank: acknowledged delivery (broadcast is best effort)
             self.services.control.send_to_worker(info.rank, TierSizes(sizes))
-        tiers = self._tiers(sizes)
-        admission = (
-            AlwaysAdmit() if self.config.disable_disk_offload_filter else FrequencyFilter()
-        )
         log.info("kvbm leader: %d worker(s), %d bytes per block, tiers %s",
                  len(workers), bytes_per_block, sizes)
         return BlockManager(
-            tiers, self.block_size, num_ranks=self.world_size, bytes_per_block=bytes_per_block,
-            admission=admission, events=self.events, stats=self.stats,
+            self._tiers(sizes), self.block_size, num_ranks=self.world_size,
+            bytes_per_block=bytes_per_block, events=self.events, stats=self.stats,
+            job_timeout_secs=self.config.job_timeout_secs,
         )
 
     def _tier_sizes(self, bytes_per_block: int) -> dict[str, int]:
+        """Blocks of every tier that has any, top tier first."""
+        # The built-in tiers' own settings name them: a missing plugin is an error, not "off".
+        enabled = [n for n, on in (("cpu", self.config.cpu_enabled), ("disk", self.config.disk_enabled)) if on]
+        self._specs = load_tier_specs(shared_plugin_manager(self.config.disabled_plugins), enabled)
         sizes = {}
-        if self.config.cpu_enabled:
-            sizes["cpu"] = self.config.num_cpu_blocks(bytes_per_block)
-        if self.config.disk_enabled:
-            sizes["disk"] = self.config.num_disk_blocks(bytes_per_block)
+        for name, spec in self._specs.items():
+            if spec.num_slots is None:
+                continue
+            options = read_tier_options(spec.options, self.config)
+            num_slots = spec.num_slots(self.config, options, bytes_per_block)
+            if num_slots > 0:
+                sizes[name] = num_slots
         return sizes
 
     def _tiers(self, sizes: dict[str, int]) -> list[TierSlots]:
-        specs = load_tier_specs(get_plugin_manager(self.config.disabled_plugins), required=sizes)
-        return [TierSlots(name, specs[name].medium, slots) for name, slots in sizes.items()]
+        tiers = []
+        for name, num_slots in sizes.items():
+            spec = self._specs[name]
+            admission = spec.make_admission(self.config) if spec.make_admission else None
+            tiers.append(TierSlots(name, num_slots, spec.stores_from, admission))
+        return tiers
 
     def wait_ready(self, timeout: float | None = None) -> BlockManager:
         wait = self.config.leader_worker_init_timeout_secs if timeout is None else timeout
@@ -251,9 +264,10 @@ class KvbmLeaderCore:
     def _restore(self, message: Any) -> None:
         # Every rank must hold a block in the same slot before any rank's copy is trusted.
         assert self.manager is not None
-        if message.tier == CPU or message.tier not in (DISK, *self.manager.indexes):
-            # Host memory never outlives a process: a host "restore" can only be a mistake
-            # or a forgery, and an unknown tier has no index to seed.
+        spec = self._specs.get(message.tier)
+        if spec is None or not spec.is_persistent or message.tier not in self.manager.indexes:
+            # A tier that keeps nothing across restarts (host memory) cannot have blocks from
+            # before one: such a "restore" is a mistake or a forgery; an unknown tier has no index.
             log.warning("kvbm leader: ignoring restored blocks for tier %.40r", message.tier)
             return
         pending = self._restored.setdefault(message.tier, {})
@@ -263,10 +277,8 @@ class KvbmLeaderCore:
         common = dict(pending[0])
         for blocks in pending.values():
             common = {h: s for h, s in common.items() if blocks.get(h) == s}
-        name = {CPU: "cpu", DISK: "disk"}.get(message.tier, message.tier)
-        if name in self.manager.indexes:
-            self.manager.restore(name, common)
-            log.info("kvbm leader: %d %s block(s) restored from before the restart", len(common), name)
+        self.manager.restore(message.tier, common)
+        log.info("kvbm leader: %d %s block(s) restored from before the restart", len(common), message.tier)
 
     def salt_for(self, request: Any, data_salt: str | None = None) -> int | None:
         """The request's block-hash seed, or ``None`` while its tenant salt cannot be known."""

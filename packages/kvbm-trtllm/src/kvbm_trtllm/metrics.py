@@ -13,6 +13,8 @@ Operations:
   every name of ``kvbm_core.metrics`` as ``kvbm_<name>``; counters keep Dynamo's exact names
   (``kvbm_offload_blocks_d2h``, no ``_total`` suffix, so Dynamo's dashboards keep working)
   and are therefore exposed untyped; gauges as gauges; the latency lists as histograms.
+  Failures have their own counters: ``kvbm_failed_transfers``, ``kvbm_timed_out_jobs`` (jobs
+  some rank never reported within ``KVBM_JOB_TIMEOUT_SECS``), ``kvbm_failed_loads``.
 - ``LatencyHistogram``: cumulative buckets fed from ``stats.take_latencies()``; the collector
   owns one per histogram name, so it is the only consumer of ``take_latencies`` while it runs.
 """

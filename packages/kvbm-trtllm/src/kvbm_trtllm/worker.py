@@ -46,8 +46,9 @@ from typing import Any
 from kvbm_core.config import KvbmConfig
 from kvbm_core.layout import KvLayout
 from kvbm_core.manager import IterationPlan
-from kvbm_core.plugins import TierContext, get_plugin_manager, load_tier_specs
+from kvbm_core.plugins import TierContext, load_tier_specs, shared_plugin_manager
 from kvbm_core.slot_records import SlotRecords
+from kvbm_core.tier_options import read_tier_options
 from kvbm_core.transfer import GPU, DevicePool, JobResult, Storage, TransferEngine, TransferJob
 from kvbm_trtllm.pool_layout import layout_from_layers, layout_from_pool
 
@@ -200,7 +201,7 @@ class KvbmWorkerCore:
 
     def _build_tiers(self, num_slots: dict[str, int]) -> None:
         assert self.layout is not None
-        pm = get_plugin_manager(self.config.disabled_plugins)
+        pm = shared_plugin_manager(self.config.disabled_plugins)
         wanted = [name for name, slots in num_slots.items() if slots > 0]
         specs = load_tier_specs(pm, required=wanted)
         # The tiers key what they persist on the model identity too (the disk fingerprint).
@@ -211,11 +212,12 @@ class KvbmWorkerCore:
             contexts[name] = TierContext(
                 layout=self.layout, num_slots=num_slots[name], rank=self.setup.rank,
                 world_size=self.setup.world_size, device=self.setup.device, config=config,
+                options=read_tier_options(spec.options, config),
             )
             storage = spec.make_storage(contexts[name])
-            self.storages[spec.medium] = storage
+            self.storages[name] = storage
             if not storage.verifies_block_hashes:
-                self.records[spec.medium] = SlotRecords(storage.num_slots)
+                self.records[name] = SlotRecords(storage.num_slots)
         for name in wanted:
             for handler in specs[name].make_handlers(self.storages, contexts[name]):
                 self.engine.register(handler)
@@ -223,12 +225,12 @@ class KvbmWorkerCore:
                  {n: num_slots[n] for n in wanted}, sorted(self.engine.pairs))
 
     def persisted_blocks(self) -> dict[str, dict[int, int]]:
-        """Blocks persistent tiers found at start, by tier medium: ``{hash: slot}``."""
+        """Blocks persistent tiers found at start, by tier name: ``{hash: slot}``."""
         found = {}
-        for medium, storage in self.storages.items():
-            persisted = getattr(storage, "persisted_blocks", None)
-            if callable(persisted):
-                found[medium] = dict(persisted())
+        for name, storage in self.storages.items():
+            persisted = storage.persisted_blocks()
+            if persisted is not None:
+                found[name] = dict(persisted)
         return found
 
     # ---- per iteration ---------------------------------------------------------------------
