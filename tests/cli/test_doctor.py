@@ -9,7 +9,7 @@ import socket
 import pytest
 
 from kvbm_core.config import ConfigError, KvbmConfig
-from kvbm_trtllm.commands.doctor import FAIL, OK, run_checks
+from kvbm_trtllm.commands.doctor import FAIL, OK, WARN, run_checks
 
 
 def _by_name(checks):
@@ -214,3 +214,35 @@ def test_doctor_says_gds_is_unavailable_without_a_gpu():
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     assert check.status == "warn" and "no CUDA GPU" in check.detail and check.status != OK
+
+
+@pytest.mark.parametrize(
+    ("settings", "status", "expected"),
+    [
+        ({}, FAIL, "KVBM_CONTROL_SECRET_FILE"),
+        ({"KVBM_CONTROL_SECRET": "short"}, FAIL, "expected at least 16"),
+        ({"KVBM_CONTROL_INSECURE": "1"}, WARN, "not signed"),
+        ({"KVBM_CONTROL_SECRET": "a" * 32}, OK, "32 bytes"),
+    ],
+)
+def test_doctor_checks_the_control_secret_as_the_engine_would(monkeypatch, settings, status, expected):
+    monkeypatch.setenv("KVBM_CPU_CACHE_GB", "0.5")
+    monkeypatch.setenv("KVBM_DISCOVERY", "etcd")
+    for name in ("KVBM_CONTROL_SECRET", "KVBM_CONTROL_SECRET_FILE", "KVBM_CONTROL_INSECURE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in settings.items():
+        monkeypatch.setenv(name, value)
+    check = _by_name(run_checks())["control secret"]
+    assert check.status == status and expected in check.detail
+
+
+def test_doctor_refuses_a_secret_file_others_can_read(monkeypatch, tmp_path):
+    secret = tmp_path / "secret"
+    secret.write_text("b" * 32)
+    secret.chmod(0o644)
+    monkeypatch.setenv("KVBM_CPU_CACHE_GB", "0.5")
+    monkeypatch.setenv("KVBM_DISCOVERY", "etcd")
+    monkeypatch.delenv("KVBM_CONTROL_SECRET", raising=False)
+    monkeypatch.setenv("KVBM_CONTROL_SECRET_FILE", str(secret))
+    check = _by_name(run_checks())["control secret"]
+    assert check.status == FAIL and "chmod" in check.detail

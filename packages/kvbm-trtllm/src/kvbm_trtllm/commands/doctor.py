@@ -315,6 +315,8 @@ def _check_gds() -> Check:
 
 def _discovery_checks(config: KvbmConfig) -> list[Check]:
     checks = []
+    if config.discovery == "etcd" or config.nats_url:
+        checks.append(_check_control_secret(config))
     if config.discovery == "etcd":
         from kvbm_discovery.etcd import parse_endpoints
 
@@ -332,6 +334,19 @@ def _discovery_checks(config: KvbmConfig) -> list[Check]:
         checks.append(Check("NATS", WARN, "KVBM_NATS_URL is not set: ranks in other processes "
                             "cannot report to the leader", "set KVBM_NATS_URL=nats://host:4222 for TP>1"))
     return checks
+
+
+def _check_control_secret(config: KvbmConfig) -> Check:
+    from kvbm_discovery.control_secret import control_secret
+
+    try:
+        secret = control_secret(config, "the control plane (etcd / NATS)")  # as at start
+    except ConfigError as exc:
+        return Check("control secret", FAIL, str(exc), "set KVBM_CONTROL_SECRET or KVBM_CONTROL_SECRET_FILE")
+    if secret is None:
+        return Check("control secret", WARN, "KVBM_CONTROL_INSECURE=1: control messages are not signed",
+                     "set KVBM_CONTROL_SECRET or KVBM_CONTROL_SECRET_FILE outside trusted test setups")
+    return Check("control secret", OK, f"{len(secret)} bytes; every process must hold the same")
 
 
 def _host_port(address: str, default_port: int) -> tuple[str, int]:
