@@ -14,8 +14,9 @@ import torch
 
 from kvbm_core.config import KvbmConfig
 from kvbm_core.plugins import get_plugin_manager, load_discovery_backend
-from kvbm_trtllm.leader import KvbmLeaderCore
-from kvbm_trtllm.worker import KvbmWorkerCore, WorkerSetup, layout_from_pool
+from kvbm_runtime.leader import KvbmLeaderCore
+from kvbm_runtime.worker import KvbmWorkerCore, WorkerSetup
+from kvbm_trtllm.pool_layout import layout_from_pool
 
 _namespaces = itertools.count()
 

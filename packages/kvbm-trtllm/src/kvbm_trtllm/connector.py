@@ -48,7 +48,7 @@ from typing import Any
 from kvbm_core.config import KvbmConfig
 from kvbm_core.manager import IterationPlan
 from kvbm_core.plugins import load_discovery_backend, shared_plugin_manager
-from kvbm_trtllm.leader import KvbmLeaderCore
+from kvbm_runtime import KvbmLeaderCore, KvbmWorkerCore, WorkerSetup
 from kvbm_trtllm.pool_layout import layout_from_pool, model_facts, model_identity
 from kvbm_trtllm.trtllm_api import (
     KvCacheConnectorScheduler,
@@ -56,7 +56,6 @@ from kvbm_trtllm.trtllm_api import (
     SchedulerOutput,
     current_rank,
 )
-from kvbm_trtllm.worker import KvbmWorkerCore, WorkerSetup
 
 log = logging.getLogger("kvbm.connector")
 

@@ -50,11 +50,10 @@ from kvbm_core.plugins import TierContext, load_tier_specs, shared_plugin_manage
 from kvbm_core.slot_records import SlotRecords
 from kvbm_core.tier_options import read_tier_options
 from kvbm_core.transfer import GPU, DevicePool, JobResult, Storage, TransferEngine, TransferJob
-from kvbm_trtllm.pool_layout import layout_from_layers, layout_from_pool
 
 log = logging.getLogger("kvbm.worker")
 
-__all__ = ["KvbmWorkerCore", "WorkerSetup", "TransferProbe", "layout_from_pool", "layout_from_layers"]
+__all__ = ["KvbmWorkerCore", "WorkerSetup", "TransferProbe"]
 
 _POLL_SECS = 0.01
 
