@@ -1,6 +1,7 @@
 """The worker side of the connector: one per GPU rank, the data plane.
 
-Runs in every rank's process (inside TensorRT-LLM's ``KvCacheConnectorWorker``).
+Runs in every rank's process (inside the engine adapter's worker half, e.g. TensorRT-LLM's
+``KvCacheConnectorWorker``).
 
 Operations:
 - ``register_kv_caches(tensors)``: wrap the engine's GPU pool, announce this rank's layout,
