@@ -7,7 +7,18 @@ request's salt inputs, request ids and block ids. Imports no torch and no engine
 """
 
 from kvbm_runtime.leader import KvbmLeaderCore
+from kvbm_runtime.salt import SaltInputs
+from kvbm_runtime.services import RuntimeControl, RuntimeDiscovery, RuntimeServices
 from kvbm_runtime.worker import KvbmWorkerCore, TransferProbe, WorkerSetup
 
-__all__ = ["KvbmLeaderCore", "KvbmWorkerCore", "TransferProbe", "WorkerSetup"]
+__all__ = [
+    "KvbmLeaderCore",
+    "KvbmWorkerCore",
+    "RuntimeControl",
+    "RuntimeDiscovery",
+    "RuntimeServices",
+    "SaltInputs",
+    "TransferProbe",
+    "WorkerSetup",
+]
 __version__ = "0.1.0"

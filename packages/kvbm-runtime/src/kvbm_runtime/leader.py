@@ -35,17 +35,26 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from typing import Any
 
 from kvbm_core.config import KvbmConfig
 from kvbm_core.events import EventSink
 from kvbm_core.hashing import salt_hash
 from kvbm_core.manager import BlockManager, LoadOutcome, TierSlots
+from kvbm_core.messages import (
+    Completions,
+    LoadRecovery,
+    Message,
+    StoredBlocks,
+    TierSizes,
+    WorkerError,
+)
 from kvbm_core.metrics import KvbmStats
 from kvbm_core.plugins import TierSpec, load_tier_specs, shared_plugin_manager
 from kvbm_core.tier_options import read_tier_options
 from kvbm_discovery.bounded_log import RateLimitedLog
+from kvbm_discovery.discovery import LEADER, WORKER, InstanceInfo, Registration
 from kvbm_runtime.salt import SaltInputs
+from kvbm_runtime.services import RuntimeServices
 
 log = logging.getLogger("kvbm.leader")
 
@@ -58,7 +67,7 @@ class KvbmLeaderCore:
     def __init__(
         self,
         config: KvbmConfig,
-        services: Any,
+        services: RuntimeServices,
         world_size: int,
         block_size: int,
         model_id: str | None,
@@ -76,7 +85,7 @@ class KvbmLeaderCore:
         self.manager: BlockManager | None = None
         self.error: BaseException | None = None
         self._ready = threading.Event()
-        self._registration = None
+        self._registration: Registration | None = None
         self._salts: dict[SaltInputs, int] = {}
         self._restored: dict[str, dict[int, dict[int, int]]] = {}
         self._specs: dict[str, TierSpec] = {}
@@ -85,8 +94,6 @@ class KvbmLeaderCore:
         self._is_closed = threading.Event()
 
     def start(self) -> None:
-        from kvbm_discovery import LEADER, InstanceInfo
-
         self._registration = self.services.discovery.register(
             InstanceInfo(role=LEADER, world_size=self.world_size)
         )
@@ -113,10 +120,8 @@ class KvbmLeaderCore:
             self._ready.set()
 
     def _build_manager(self) -> BlockManager:
-        from kvbm_discovery import TierSizes
-
         peers = self.services.discovery.wait_for_peers(self.world_size)
-        workers = [info for info in peers if info.role == "worker"]
+        workers = [info for info in peers if info.role == WORKER]
         bytes_per_block = sum(info.bytes_per_block for info in workers)
         sizes = self._tier_sizes(bytes_per_block)
         for info in workers:  # per rank: acknowledged delivery (broadcast is best effort)
@@ -186,9 +191,7 @@ class KvbmLeaderCore:
         for outcome in self.manager.take_load_outcomes():
             self._act_on(outcome)
 
-    def _handle(self, message: Any) -> None:
-        from kvbm_discovery import Completions, StoredBlocks, WorkerError
-
+    def _handle(self, message: Message) -> None:
         assert self.manager is not None
         if getattr(message, "rank", 0) not in range(self.world_size):
             self.stats.add("control_rejected_messages")
@@ -204,8 +207,6 @@ class KvbmLeaderCore:
             log.error("kvbm worker rank %d reported: %.2000s", message.rank, message.error)
 
     def _act_on(self, outcome: LoadOutcome) -> None:
-        from kvbm_discovery import LoadRecovery
-
         assert self.manager is not None
         if outcome.retry_jobs:
             for rank in outcome.retry_ranks:
@@ -232,7 +233,7 @@ class KvbmLeaderCore:
     def forget(self, request_id: int) -> None:
         self._rewinds.pop(request_id, None)
 
-    def _restore(self, message: Any) -> None:
+    def _restore(self, message: StoredBlocks) -> None:
         # Every rank must hold a block in the same slot before any rank's copy is trusted.
         assert self.manager is not None
         spec = self._specs.get(message.tier)

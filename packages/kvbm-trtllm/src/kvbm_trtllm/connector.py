@@ -48,6 +48,7 @@ from typing import Any
 
 from kvbm_core.config import KvbmConfig
 from kvbm_core.manager import IterationPlan
+from kvbm_core.messages import StoredBlocks
 from kvbm_core.plugins import load_discovery_backend, shared_plugin_manager
 from kvbm_runtime import KvbmLeaderCore, KvbmWorkerCore, WorkerSetup
 from kvbm_trtllm.pool_layout import layout_from_pool, model_facts, model_identity
@@ -76,6 +77,7 @@ def load_config(llm_args: Any) -> KvbmConfig:
 
 
 def make_services(config: KvbmConfig) -> Any:
+    """The configured discovery backend's services (a ``kvbm_runtime.RuntimeServices``)."""
     spec = load_discovery_backend(shared_plugin_manager(config.disabled_plugins), config.discovery)
     return spec.make(config)
 
@@ -206,8 +208,6 @@ class KvbmConnectorWorker(KvCacheConnectorWorker):
         self._is_cuda = False
 
     def register_kv_caches(self, kv_cache_tensor: Any) -> None:
-        from kvbm_discovery import StoredBlocks
-
         self._is_cuda = bool(getattr(kv_cache_tensor, "is_cuda", False))
         layout = layout_from_pool(
             kv_cache_tensor, self.setup.tokens_per_block, self.facts, self.setup.world_size
