@@ -2,8 +2,8 @@
 
 The messages themselves (``Completions``, ``StoredBlocks``, ``WorkerError``, ``TierSizes``,
 ``LoadRecovery``; ``TO_LEADER`` / ``TO_WORKERS``) are the runtime's protocol and live in
-:mod:`kvbm_core.messages`, so both the runtime and this transport know them; they are
-re-exported here.
+:mod:`kvbm_core.messages`, so both the runtime and this transport know them (the
+``kvbm_discovery`` package re-exports them).
 
 ``encode(message) -> bytes`` and ``decode(data) -> Message``; ``decode`` validates every
 field and raises :class:`MessageError` for anything that is not a kvbm message, so receivers
@@ -21,8 +21,6 @@ import re
 from typing import Any
 
 from kvbm_core.messages import (
-    TO_LEADER,
-    TO_WORKERS,
     Completions,
     LoadRecovery,
     Message,
@@ -36,14 +34,6 @@ from kvbm_discovery.bounded_log import MAX_TEXT, clip
 from kvbm_discovery.errors import MessageError
 
 __all__ = [
-    "Completions",
-    "StoredBlocks",
-    "WorkerError",
-    "TierSizes",
-    "LoadRecovery",
-    "Message",
-    "TO_LEADER",
-    "TO_WORKERS",
     "MAX_MESSAGE_BYTES",
     "MAX_DEPTH",
     "MAX_TIERS",
