@@ -291,7 +291,7 @@ def test_forged_restore_of_host_slots_is_refused_and_never_served():
     leader, worker, pool = connector({"cpu_cache_override_num_blocks": 64})
     from kvbm_core.hashing import block_hashes
 
-    hashes = block_hashes(PROMPT, T, leader.core.salt_for(TrtllmRequest(0, PROMPT)))
+    hashes = block_hashes(PROMPT, T, leader.salts.salt_for(TrtllmRequest(0, PROMPT)))
     forged = StoredBlocks(0, "cpu", {h: i for i, h in enumerate(hashes)})
     leader.services.control.send_to_leader(forged)
     leader.build_connector_meta(SchedulerOutput([], []))

@@ -17,6 +17,7 @@ from kvbm_core import (
 )
 from kvbm_core.plugins import plugin_distributions
 from kvbm_tiers_cpu import GpuToHostHandler, HostToGpuHandler, PinnedHostStorage
+from kvbm_tiers_cpu.plugin import check_options
 
 
 def _only_cpu():
@@ -91,3 +92,11 @@ def test_handlers_need_the_pool_and_the_tier_storage(kv):
     storage = spec.make_storage(ctx)
     with pytest.raises(TypeError, match=r"storages\['gpu'\] must be a kvbm_core.DevicePool"):
         spec.make_handlers({"gpu": storage, "cpu": storage}, ctx)
+
+
+def test_options_are_declared_and_read_from_the_kvbm_mapping(kv):
+    spec = _spec()
+    assert {o.name for o in spec.options} >= {"cpu_pin_threads", "cpu_staging_mib", "cpu_zero_copy"}
+    config = KvbmConfig(tier_options={"cpu_staging_mib": 3})
+    options = check_options(TierContext(kv.make_layout(kv.FC), 8, config=config))
+    assert options["staging_bytes"] == 3 << 20

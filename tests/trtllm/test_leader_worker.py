@@ -14,8 +14,10 @@ import torch
 
 from kvbm_core.config import KvbmConfig
 from kvbm_core.plugins import get_plugin_manager, load_discovery_backend
-from kvbm_trtllm.leader import KvbmLeaderCore
-from kvbm_trtllm.worker import KvbmWorkerCore, WorkerSetup, layout_from_pool
+from kvbm_runtime.leader import KvbmLeaderCore
+from kvbm_runtime.worker import KvbmWorkerCore, WorkerSetup
+from kvbm_trtllm.pool_layout import layout_from_pool
+from kvbm_trtllm.request_identity import RequestSalts
 
 _namespaces = itertools.count()
 
@@ -81,8 +83,8 @@ def test_salt_separates_models_adapters_and_tenants():
     class KvbmNamed:  # what the drifted reference engine used to send: must not count
         lora_name, cache_salt_id = "x", None
 
-    a = KvbmLeaderCore(cfg, services(cfg), 1, 16, "model-a")
-    b = KvbmLeaderCore(cfg, services(cfg), 1, 16, "model-b")
+    a = RequestSalts(KvbmLeaderCore(cfg, services(cfg), 1, 16, "model-a"))
+    b = RequestSalts(KvbmLeaderCore(cfg, services(cfg), 1, 16, "model-b"))
     salts = {
         a.salt_for(Request()),
         b.salt_for(Request()),

@@ -35,7 +35,14 @@ class TierSlots:
 
 @dataclass(frozen=True, slots=True)
 class Match:
-    """What ``lookup`` found: tokens to load, and how many blocks each tier serves."""
+    """What ``BlockManager.lookup`` found for one request: what kvbm's tiers will load.
+
+    Args:
+        num_tokens: prompt tokens past the engine's own cache hit that kvbm loads (whole blocks;
+            0: nothing to load, the engine computes them). The connector returns it to the engine.
+        num_blocks_by_tier: of those blocks, how many each tier serves, by tier name (``"cpu"``,
+            ``"disk"``, a plugin's tier); tiers serving none are left out.
+    """
 
     num_tokens: int = 0
     num_blocks_by_tier: Mapping[str, int] = field(default_factory=dict)
@@ -43,10 +50,12 @@ class Match:
     # Dynamo's host/disk names for the built-in tiers (its metrics are named that way).
     @property
     def num_host_blocks(self) -> int:
+        """Returns: the blocks the built-in host-memory tier (``cpu``, G2) serves."""
         return self.num_blocks_by_tier.get("cpu", 0)
 
     @property
     def num_disk_blocks(self) -> int:
+        """Returns: the blocks the built-in disk tier (``disk``, G3) serves."""
         return self.num_blocks_by_tier.get("disk", 0)
 
 

@@ -117,6 +117,20 @@ class TierSpec:
 
 @dataclass(frozen=True)
 class DiscoveryBackendSpec:
+    """A discovery backend contributed by a plugin (hook ``kvbm_discovery_backends``).
+
+    Every kvbm process (the leader and each worker rank) picks the one ``KVBM_DISCOVERY`` names
+    and calls ``make`` once at start.
+
+    Args:
+        name: the value of ``KVBM_DISCOVERY`` that selects it (``inproc``, ``etcd``, ...).
+        make: ``make(config)`` returns the process's services: ``discovery``, ``control`` and
+            ``make_event_sink``, as :class:`kvbm_runtime.services.RuntimeServices` names them,
+            plus ``close()``; it raises ``ServiceUnavailableError`` / ``ConfigError`` naming what
+            is missing. The built-in backends return a ``kvbm_discovery.DiscoveryServices``.
+        description: one line for ``kvbm plugins``.
+    """
+
     name: str
     make: Callable[[KvbmConfig], Any]
     description: str = ""

@@ -5,9 +5,10 @@ Any process (the leader sizes tiers with them, every worker builds storage with 
 - ``TierOption(name, default, parse)``: an option a :class:`~kvbm_core.plugins.TierSpec`
   declares. It is set as ``KVBM_<NAME>`` / ``DYN_KVBM_<NAME>`` in the environment, or under
   ``tier_options`` in the kvbm mapping (``llm_args.extra["kvbm"]``, YAML), which wins.
-- ``read_tier_options(options, config, environ=None)``: every declared option, parsed by its
-  ``parse(name as spelled, value)``: a bad value is a ``ConfigError`` naming the variable.
-  Unset options get their default. The result is what ``TierContext.options`` holds.
+- ``read_tier_options(options, config, environ=None, given=None)``: every declared option,
+  parsed by its ``parse(name as spelled, value)``: a bad value is a ``ConfigError`` naming the
+  variable. Unset options get their default. The result is what ``TierContext.options``
+  holds; a tier that reads its options again passes that as ``given``.
 - ``positive_int``, ``positive_float``, ``flag``, ``auto_flag``, ``optional(parse)``: parsers
   with kvbm's bounds, for tiers to declare their options with.
 """
@@ -46,15 +47,38 @@ class TierOption:
 
 
 def read_tier_options(
-    options: Sequence[TierOption], config: KvbmConfig | None, environ: Mapping[str, str] | None = None
+    options: Sequence[TierOption],
+    config: KvbmConfig | None,
+    environ: Mapping[str, str] | None = None,
+    given: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """Every declared option's value.
+
+    Args:
+        options: what the tier declares.
+        config: its ``tier_options`` mapping wins over the environment; ``None``: no mapping.
+        environ: the environment (``os.environ`` when ``None``).
+        given: values that win over both (a ``TierContext.options``); a value already parsed
+            (what this function returned) is kept as it is.
+
+    Returns:
+        ``{name: parsed value}``, the default for an unset option.
+    """
     env = os.environ if environ is None else environ
-    given = dict(config.tier_options) if config is not None else {}
+    mapping = dict(config.tier_options) if config is not None else {}
     values = {}
     for option in options:
-        spelled, value = _find(option.name, given, env)
+        if given is not None and option.name in given:
+            values[option.name] = _reparse(option, given[option.name])
+            continue
+        spelled, value = _find(option.name, mapping, env)
         values[option.name] = option.default if spelled is None else option.parse(spelled, value)
     return values
+
+
+def _reparse(option: TierOption, value: Any) -> Any:
+    # A parsed value may be one no text parses to (None for "auto" / unset): keep those.
+    return value if value is None or value == option.default else option.parse(option.name, value)
 
 
 def _find(name: str, given: Mapping[str, Any], env: Mapping[str, str]) -> tuple[str | None, Any]:

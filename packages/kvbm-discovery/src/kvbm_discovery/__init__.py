@@ -4,6 +4,15 @@ and its workers, and KV event sinks; in-process by default, etcd and NATS for re
 Imports no server client at import time: ``aetcd`` and ``nats`` load with their backend.
 """
 
+# The control messages are kvbm_core's (the runtime's protocol); this package carries them.
+from kvbm_core.messages import (
+    Completions,
+    LoadRecovery,
+    Message,
+    StoredBlocks,
+    TierSizes,
+    WorkerError,
+)
 from kvbm_discovery.control import ControlChannel, Inbox
 from kvbm_discovery.discovery import (
     LEADER,
@@ -35,16 +44,7 @@ from kvbm_discovery.inproc import (
     InProcEventSink,
     reset_inproc,
 )
-from kvbm_discovery.messages import (
-    Completions,
-    LoadRecovery,
-    Message,
-    StoredBlocks,
-    TierSizes,
-    WorkerError,
-    decode,
-    encode,
-)
+from kvbm_discovery.messages import decode, encode
 from kvbm_discovery.services import DiscoveryServices, make_etcd_services, make_inproc_services
 
 __all__ = [

@@ -25,11 +25,12 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Protocol
 
+from kvbm_core.messages import TO_LEADER, TO_WORKERS, Message
 from kvbm_discovery.bounded_log import RateLimitedLog
 from kvbm_discovery.discovery import InstanceInfo, leader_id, worker_id
 from kvbm_discovery.envelope import Envelope, unseal
 from kvbm_discovery.errors import MessageError
-from kvbm_discovery.messages import MAX_MESSAGE_BYTES, TO_LEADER, TO_WORKERS, Message, decode
+from kvbm_discovery.messages import MAX_MESSAGE_BYTES, decode
 
 __all__ = ["ADMIT", "REJECT", "REPEAT", "RETRY", "Admission", "Roster", "Verdict"]
 

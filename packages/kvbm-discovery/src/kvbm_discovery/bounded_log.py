@@ -1,7 +1,7 @@
 """Bounded, rate-limited logging of what peers send (any process).
 
-``clip(text, limit)``: at most ``limit`` characters, saying how many were cut, so one peer's
-900 KB string never becomes one log line or one stored field.
+``clip(text, limit)`` (from :mod:`kvbm_core.bounded_text`): at most ``limit`` characters,
+saying how many were cut, so one peer's 900 KB string never becomes one log line.
 ``RateLimitedLog(logger, every_secs)``: ``warning(key, ...)`` logs the first occurrence of a
 key and then at most once per ``every_secs``, with the number suppressed meanwhile, so a flood
 of bad messages cannot flood the log.
@@ -15,18 +15,11 @@ import time
 from collections import OrderedDict
 from typing import Any
 
+from kvbm_core.bounded_text import MAX_TEXT, clip
+
 __all__ = ["MAX_TEXT", "clip", "RateLimitedLog"]
 
-MAX_TEXT = 2000
 _MAX_KEYS = 256  # keys may come from what peers send: remember a bounded number
-# Room for the "... (N more characters cut)" note, so clipping a clipped text changes nothing.
-_NOTE_ROOM = 48
-
-
-def clip(text: str, limit: int = MAX_TEXT) -> str:
-    if len(text) <= limit + _NOTE_ROOM:
-        return text
-    return f"{text[:limit]}... ({len(text) - limit} more characters cut)"
 
 
 class RateLimitedLog:

@@ -32,7 +32,7 @@ from abc import ABC, abstractmethod
 from collections import deque
 from dataclasses import dataclass
 
-from kvbm_discovery.messages import Message
+from kvbm_core.messages import Message
 
 __all__ = ["Inbox", "InboxTally", "ControlChannel"]
 

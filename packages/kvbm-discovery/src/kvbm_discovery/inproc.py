@@ -10,11 +10,11 @@ from __future__ import annotations
 import threading
 
 from kvbm_core.events import KvEvent
+from kvbm_core.messages import Message
 from kvbm_discovery.control import ControlChannel, Inbox
 from kvbm_discovery.discovery import Discovery, InstanceInfo, Registration
 from kvbm_discovery.errors import DuplicateInstanceError
 from kvbm_discovery.event_sink import DEFAULT_CAPACITY, BufferedEventSink
-from kvbm_discovery.messages import Message
 
 __all__ = ["InProcDiscovery", "InProcControlChannel", "InProcEventSink", "reset_inproc"]
 

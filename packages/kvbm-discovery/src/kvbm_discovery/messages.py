@@ -1,14 +1,9 @@
-"""Control messages between the leader and its workers, and their JSON wire form.
+"""The JSON wire form of the control messages between the leader and its workers.
 
-Workers -> leader: :class:`Completions` (a batch of ``JobResult`` from one rank; failed jobs
-are results with ``ok=False``), :class:`StoredBlocks` (the blocks a persistent tier of one
-rank still holds after a restart, ``{hash: slot}``) and :class:`WorkerError` (a rank cannot go
-on).
-Leader -> workers: :class:`TierSizes` (what TensorRT-LLM's per-iteration metadata does not
-carry: the slots of each tier, sent once at init) and :class:`LoadRecovery` (a request whose
-load failed on that rank: load it again with ``jobs``, or, with none, report it loaded because
-the engine was told to recompute what did not arrive). Both travel outside the per-iteration
-metadata because a parked request may wait while the engine runs no forward pass at all.
+The messages themselves (``Completions``, ``StoredBlocks``, ``WorkerError``, ``TierSizes``,
+``LoadRecovery``; ``TO_LEADER`` / ``TO_WORKERS``) are the runtime's protocol and live in
+:mod:`kvbm_core.messages`, so both the runtime and this transport know them (the
+``kvbm_discovery`` package re-exports them).
 
 ``encode(message) -> bytes`` and ``decode(data) -> Message``; ``decode`` validates every
 field and raises :class:`MessageError` for anything that is not a kvbm message, so receivers
@@ -16,8 +11,6 @@ can ignore it with a warning. Bounds, checked before anything is used: ``MAX_MES
 and ``MAX_DEPTH`` levels of nesting, tier names are short tokens, ``TierSizes`` at most
 ``MAX_TIERS`` tiers of at most ``MAX_SLOTS`` slots, and error texts are clipped to
 ``MAX_TEXT`` characters (also when a ``WorkerError`` is made, so none is stored whole).
-
-``TO_LEADER`` / ``TO_WORKERS``: the kinds each side may receive.
 """
 
 from __future__ import annotations
@@ -25,24 +18,22 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
+from kvbm_core.messages import (
+    Completions,
+    LoadRecovery,
+    Message,
+    StoredBlocks,
+    TierSizes,
+    WorkerError,
+)
 from kvbm_core.transfer import JobResult, TransferJob
 from kvbm_discovery.bounded_json import MAX_DEPTH, loads_bounded
 from kvbm_discovery.bounded_log import MAX_TEXT, clip
 from kvbm_discovery.errors import MessageError
 
 __all__ = [
-    "Completions",
-    "StoredBlocks",
-    "WorkerError",
-    "TierSizes",
-    "LoadRecovery",
-    "Message",
-    "TO_LEADER",
-    "TO_WORKERS",
     "MAX_MESSAGE_BYTES",
     "MAX_DEPTH",
     "MAX_TIERS",
@@ -57,44 +48,6 @@ MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 MAX_TIERS = 32
 MAX_SLOTS = 1 << 40
 _TIER_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-
-
-@dataclass(frozen=True)
-class Completions:
-    rank: int
-    results: tuple[JobResult, ...]
-
-
-@dataclass(frozen=True)
-class WorkerError:
-    rank: int
-    error: str
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "error", clip(self.error))
-
-
-@dataclass(frozen=True)
-class TierSizes:
-    num_slots: Mapping[str, int] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class StoredBlocks:
-    rank: int
-    tier: str
-    blocks: Mapping[int, int] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class LoadRecovery:
-    request_id: int
-    jobs: tuple[TransferJob, ...] = ()
-
-
-Message = Completions | WorkerError | TierSizes | StoredBlocks | LoadRecovery
-TO_LEADER = (Completions, WorkerError, StoredBlocks)
-TO_WORKERS = (TierSizes, LoadRecovery)
 
 
 def _result_to_wire(result: JobResult) -> dict[str, Any]:

@@ -8,7 +8,8 @@
 - ``make_handlers(storages, ctx)``: the ``gpu -> cpu`` and ``cpu -> gpu`` handlers over
   ``storages["gpu"]`` (the engine's pool) and ``storages["cpu"]``.
 
-Tuning, from ``ctx.options`` or else the environment (``KVBM_`` or ``DYN_KVBM_`` prefix):
+Tuning (``OPTIONS``, parsed once by :mod:`kvbm_core.tier_options`: ``ctx.options``, else the
+``tier_options`` mapping, else ``KVBM_`` / ``DYN_KVBM_`` in the environment):
 ``cpu_pin_threads`` (8), ``cpu_pin_chunk_mib`` (1024), ``cpu_huge_pages`` (true),
 ``cpu_staging_mib`` (64, per staging buffer; each direction holds two on the GPU),
 ``cpu_zero_copy`` (auto: scattered host slots move with a zero-copy Triton kernel where Triton
@@ -17,68 +18,47 @@ and the driver allow it).
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import kvbm_core
-from kvbm_core.config import ENV_PREFIXES, ConfigError, KvbmConfig
+from kvbm_core.config import KvbmConfig
 from kvbm_core.plugins import TierContext, TierSpec
-from kvbm_core.tier_options import auto_flag
+from kvbm_core.tier_options import TierOption, auto_flag, flag, positive_int, read_tier_options
 from kvbm_core.transfer import CPU, GPU, DevicePool, Storage, TransferHandler
 from kvbm_tiers_cpu.handlers import DEFAULT_STAGING_BYTES, GpuToHostHandler, HostToGpuHandler
 from kvbm_tiers_cpu.storage import PinnedHostStorage
 
-__all__ = ["kvbm_tier_specs", "make_storage", "make_handlers", "tier_option", "check_options"]
+__all__ = ["kvbm_tier_specs", "make_storage", "make_handlers", "check_options", "OPTIONS"]
 
 _MAX_OPTION = 1 << 20  # MiB or threads: far above any machine, far below an overflow
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
 
-def tier_option(ctx: TierContext, name: str, default: Any, parse: Callable[[str, Any], Any]) -> Any:
-    """``ctx.options[name]``, else ``KVBM_<NAME>`` / ``DYN_KVBM_<NAME>``, else ``default``."""
-    if name in ctx.options:
-        return parse(name, ctx.options[name])
-    for prefix in ENV_PREFIXES:
-        value = os.environ.get(prefix + name.upper(), "").strip()
-        if value:
-            return parse(prefix + name.upper(), value)
-    return default
-
-
-def _positive_int(name: str, value: Any) -> int:
-    try:
-        number = int(str(value).strip())
-    except ValueError:
-        number = 0
-    if not 0 < number <= _MAX_OPTION:
-        raise ConfigError(
-            f"{name}={value!r} is invalid: expected a whole number > 0 and <= {_MAX_OPTION}"
-        )
-    return number
-
-
-def _flag(name: str, value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in _TRUE | _FALSE:
-        return text in _TRUE
-    raise ConfigError(f"{name}={value!r} is invalid: expected true/false (1/0, yes/no, on/off)")
+OPTIONS = (
+    TierOption("cpu_pin_threads", 8, positive_int),
+    TierOption("cpu_pin_chunk_mib", 1024, positive_int),
+    TierOption("cpu_huge_pages", True, flag),
+    TierOption("cpu_staging_mib", DEFAULT_STAGING_BYTES >> 20, positive_int),
+    TierOption("cpu_zero_copy", None, auto_flag),
+)
 
 
 def check_options(ctx: TierContext) -> dict[str, Any]:
     """Every tuning option, parsed (``ConfigError`` naming a bad one): what ``make_storage``
-    and ``make_handlers`` use, and what ``kvbm doctor`` checks."""
+    and ``make_handlers`` use, and what ``kvbm doctor`` checks.
+
+    Parsed by :func:`kvbm_core.tier_options.read_tier_options`: ``ctx.options`` (what core
+    parsed for this tier, or values a caller sets) wins over the config and the environment.
+    """
+    values = read_tier_options(OPTIONS, ctx.config, given=ctx.options)
     return {
-        "pin_threads": tier_option(ctx, "cpu_pin_threads", 8, _positive_int),
-        "pin_chunk_bytes": tier_option(ctx, "cpu_pin_chunk_mib", 1024, _positive_int) << 20,
-        "huge_pages": tier_option(ctx, "cpu_huge_pages", True, _flag),
-        "staging_bytes": tier_option(
-            ctx, "cpu_staging_mib", DEFAULT_STAGING_BYTES >> 20, _positive_int
-        ) << 20,
-        "zero_copy": tier_option(ctx, "cpu_zero_copy", None, auto_flag),
+        "pin_threads": values["cpu_pin_threads"],
+        "pin_chunk_bytes": values["cpu_pin_chunk_mib"] << 20,
+        "huge_pages": values["cpu_huge_pages"],
+        "staging_bytes": values["cpu_staging_mib"] << 20,
+        "zero_copy": values["cpu_zero_copy"],
     }
 
 
@@ -129,5 +109,6 @@ def kvbm_tier_specs() -> list[TierSpec]:
             description="G2: pinned host memory, batched GPU<->host copies on dedicated streams",
             num_slots=num_slots,
             stores_from=(GPU,),
+            options=OPTIONS,
         )
     ]

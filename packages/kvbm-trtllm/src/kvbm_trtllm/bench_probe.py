@@ -3,7 +3,7 @@
 Which process: the ``kvbm`` command (or a test), after a TP=1 kvbm run, while its worker still
 runs. ``probe_transfers(worker, with_disk=...)`` times one job of up to ``max_blocks`` blocks
 per direction through the worker's own handlers (:meth:`KvbmWorkerCore.probe_transfer
-<kvbm_trtllm.worker.KvbmWorkerCore.probe_transfer>`): best of ``repeats``, wall clock from
+<kvbm_runtime.worker.KvbmWorkerCore.probe_transfer>`): best of ``repeats``, wall clock from
 submit to the last result, so it is the rate a job gets from the tier (the planner's latency
 histograms also count the wait for the forward pass). It overwrites the first slots of each
 tier; a direction that fails is reported with ``"error"``.
@@ -17,7 +17,7 @@ from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from kvbm_trtllm.worker import KvbmWorkerCore
+    from kvbm_runtime.worker import KvbmWorkerCore
 
 __all__ = ["probe_transfers", "PROBE_JOB_ID"]
 

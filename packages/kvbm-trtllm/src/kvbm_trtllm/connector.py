@@ -43,20 +43,22 @@ What kvbm reads of TensorRT-LLM's objects, and where TensorRT-LLM defines it:
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from kvbm_core.config import KvbmConfig
 from kvbm_core.manager import IterationPlan
+from kvbm_core.messages import StoredBlocks
 from kvbm_core.plugins import load_discovery_backend, shared_plugin_manager
-from kvbm_trtllm.leader import KvbmLeaderCore
+from kvbm_runtime import KvbmLeaderCore, KvbmWorkerCore, WorkerSetup
 from kvbm_trtllm.pool_layout import layout_from_pool, model_facts, model_identity
+from kvbm_trtllm.request_identity import RequestSalts
 from kvbm_trtllm.trtllm_api import (
     KvCacheConnectorScheduler,
     KvCacheConnectorWorker,
     SchedulerOutput,
     current_rank,
 )
-from kvbm_trtllm.worker import KvbmWorkerCore, WorkerSetup
 
 log = logging.getLogger("kvbm.connector")
 
@@ -75,6 +77,7 @@ def load_config(llm_args: Any) -> KvbmConfig:
 
 
 def make_services(config: KvbmConfig) -> Any:
+    """The configured discovery backend's services (a ``kvbm_runtime.RuntimeServices``)."""
     spec = load_discovery_backend(shared_plugin_manager(config.disabled_plugins), config.discovery)
     return spec.make(config)
 
@@ -115,6 +118,7 @@ class KvbmConnectorLeader(KvCacheConnectorScheduler):
             model_identity(llm_args, self.config.model_id),
         )
         self.core.start()
+        self.salts = RequestSalts(self.core)
         self._allocated: dict[int, Any] = {}
         self.metrics_server = None
         if self.config.metrics:
@@ -136,7 +140,7 @@ class KvbmConnectorLeader(KvCacheConnectorScheduler):
     def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int, bool]:
         with self.core.lock:
             manager = self._manager()
-            salt = self.core.salt_for(request)
+            salt = self.salts.salt_for(request)
             if salt is None or _flag(request, "is_generation_only_request"):
                 return 0, False
             tokens = list(request.get_tokens(0))[: int(request.prompt_len)]
@@ -151,7 +155,7 @@ class KvbmConnectorLeader(KvCacheConnectorScheduler):
             request_id = int(request.request_id)
             jobs = self._manager().prepare_load(request_id, list(block_ids))
             if jobs:
-                self.core.track(request)  # it may have to be rewound if a load fails
+                self.core.track(request_id, _rewinder(request))  # a load may still fail
             self._allocated[request_id] = request  # its identity, for its first report
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> object:
@@ -159,9 +163,9 @@ class KvbmConnectorLeader(KvCacheConnectorScheduler):
             manager = self._manager()
             for data in scheduler_output.new_requests:
                 if hasattr(data, "cache_salt"):
-                    self.core.request_data_has_salt = True
+                    self.salts.request_data_has_salt = True
                 request = self._allocated.pop(data.request_id, _NoIdentity)
-                salt = self.core.salt_for(request, getattr(data, "cache_salt", None))
+                salt = self.salts.salt_for(request, getattr(data, "cache_salt", None))
                 manager.schedule(
                     data.request_id, data.new_tokens, data.new_block_ids, data.computed_position,
                     data.num_scheduled_tokens, is_new=True, salt=salt,
@@ -204,8 +208,6 @@ class KvbmConnectorWorker(KvCacheConnectorWorker):
         self._is_cuda = False
 
     def register_kv_caches(self, kv_cache_tensor: Any) -> None:
-        from kvbm_discovery import StoredBlocks
-
         self._is_cuda = bool(getattr(kv_cache_tensor, "is_cuda", False))
         layout = layout_from_pool(
             kv_cache_tensor, self.setup.tokens_per_block, self.facts, self.setup.world_size
@@ -291,6 +293,15 @@ class KvbmLoadError(RuntimeError):
 
 class _NoIdentity:
     """A request the connector never saw allocated: its salt can come from ``RequestData`` only."""
+
+
+def _rewinder(request: Any) -> Callable[[int], None]:
+    """Rewind a request to a token: ``context_current_position`` is writable in the bindings."""
+
+    def rewind(token: int) -> None:
+        request.context_current_position = token
+
+    return rewind
 
 
 def _flag(obj: Any, name: str) -> bool:

@@ -23,6 +23,7 @@ import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 from kvbm_core.config import ConfigError, KvbmConfig, unknown_setting_names
@@ -240,11 +241,11 @@ def _check_o_direct(path: Path, is_disabled: bool) -> Check:
 
 
 def _check_plugins(config: KvbmConfig) -> Check:
-    from kvbm_core.plugins import get_plugin_manager, load_discovery_backend, load_tier_specs
+    from kvbm_core.plugins import load_discovery_backend, load_tier_specs, shared_plugin_manager
 
     wanted = [name for name, on in (("cpu", config.cpu_enabled), ("disk", config.disk_enabled)) if on]
     try:
-        pm = get_plugin_manager(config.disabled_plugins)
+        pm = shared_plugin_manager(config.disabled_plugins)
         tiers = load_tier_specs(pm, required=wanted)
         load_discovery_backend(pm, config.discovery)
     except (ImportError, LookupError, ValueError) as exc:
@@ -253,28 +254,33 @@ def _check_plugins(config: KvbmConfig) -> Check:
                  f"{config.discovery!r} found")
 
 
-def _tier_context(config: KvbmConfig):
+def _tier_context(config: KvbmConfig, options: Mapping[str, Any] | None = None):
     from kvbm_core.layout import KvLayout
     from kvbm_core.plugins import TierContext
 
     # The options do not depend on the model; any layout will do for checking them.
     layout = KvLayout(num_layers=1, tokens_per_block=1, num_kv_heads=1, head_dim=1, dtype="float16")
-    return TierContext(layout=layout, num_slots=1, config=config)
+    return TierContext(layout=layout, num_slots=1, config=config, options=options or {})
 
 
 def _check_tier_options(config: KvbmConfig) -> Check:
-    ctx = _tier_context(config)
+    from kvbm_core.plugins import load_tier_specs, shared_plugin_manager
+    from kvbm_core.tier_options import read_tier_options
+
     try:
+        # Every installed tier's declared options, parsed as the leader and workers parse them.
+        specs = load_tier_specs(shared_plugin_manager(config.disabled_plugins))
+        options = {name: read_tier_options(spec.options, config) for name, spec in specs.items()}
         if config.cpu_enabled:
             from kvbm_tiers_cpu.plugin import check_options as check_cpu_options
 
-            check_cpu_options(ctx)
+            check_cpu_options(_tier_context(config, options.get("cpu", {})))
         if config.disk_enabled:
             from kvbm_tiers_disk.plugin import check_options as check_disk_options
 
-            backend = check_disk_options(ctx)
+            backend = check_disk_options(_tier_context(config, options.get("disk", {})))
             return Check("tier options", OK, f"valid; the disk tier moves host <-> disk bytes with {backend}")
-    except (ConfigError, ImportError) as exc:
+    except (ConfigError, ImportError, LookupError, ValueError) as exc:
         return Check("tier options", FAIL, str(exc), "fix or unset that option (see README: Configuration)")
     return Check("tier options", OK, "valid")
 

@@ -16,10 +16,10 @@ from kvbm_core.plugins import (
     DiscoveryBackendSpec,
     PluginLoadError,
     TierSpec,
-    get_plugin_manager,
     load_discovery_backend,
     load_tier_specs,
     plugin_distributions,
+    shared_plugin_manager,
 )
 from kvbm_trtllm.commands.common import CommandError, format_table, load_config
 
@@ -49,7 +49,7 @@ def add_parser(subparsers) -> None:
 
 
 def list_plugins(blocked: tuple[str, ...] = ()) -> list[PluginRow]:
-    pm = get_plugin_manager(blocked)
+    pm = shared_plugin_manager(blocked)
     dists = {name: (dist, version) for name, dist, version in plugin_distributions(pm)}
     rows = []
     for kind, hook in (("tier", pm.hook.kvbm_tier_specs), ("discovery", pm.hook.kvbm_discovery_backends)):
@@ -68,7 +68,7 @@ def list_plugins(blocked: tuple[str, ...] = ()) -> list[PluginRow]:
 
 def _validate(blocked: tuple[str, ...], rows: list[PluginRow]) -> None:
     # The same lookups the engine does, so a clash between two plugins shows up here too.
-    pm = get_plugin_manager(blocked)
+    pm = shared_plugin_manager(blocked)
     load_tier_specs(pm)
     for row in rows:
         if row.kind == "discovery":

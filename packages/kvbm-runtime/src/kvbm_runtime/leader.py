@@ -1,7 +1,7 @@
 """The leader side of the connector: rank 0's control plane.
 
-Runs in the scheduler process (inside TensorRT-LLM's ``KvCacheConnectorScheduler``); holds
-no KV bytes.
+Runs in the scheduler process (inside the engine adapter's scheduler half, e.g. TensorRT-LLM's
+``KvCacheConnectorScheduler``); holds no KV bytes.
 
 Operations:
 - ``start()``: in the background, wait for every worker rank to announce its layout (bounded
@@ -16,17 +16,17 @@ Operations:
   failed loads (below). A background thread calls it too, so results are acted on while the
   engine runs no forward pass (a parked request may be all there is). That thread also fails
   jobs some rank has not reported within ``KVBM_JOB_TIMEOUT_SECS`` (``fail_late_jobs``).
-- ``track(request)`` / ``forget(request_id)``: the engine's request object, kept while the
-  request may still have to be rewound.
-- ``salt_for(request, cache_salt)``: the block-hash seed of a request: the model identity, the
-  LoRA adapter (``lora_task_id``, as TensorRT-LLM keys its own block reuse) and the tenant salt
-  (``cache_salt_id`` on the request, or ``RequestData.cache_salt``).
+- ``track(request_id, rewind)`` / ``forget(request_id)``: how to rewind a request to a token
+  position (the adapter's callable), kept while the request may still have to be rewound.
+- ``salt_for(inputs)``: the block-hash seed of a request: the model identity and the request's
+  :class:`~kvbm_runtime.salt.SaltInputs` (LoRA adapter, tenant salt), which the engine's
+  adapter reads off its own request object.
 
 Failed loads (``BlockManager.take_load_outcomes``): a retry goes to the ranks that failed as a
 ``LoadRecovery`` with jobs. With no retry left, a single-rank engine is told to recompute:
-the request's ``context_current_position`` (writable in TensorRT-LLM's bindings) goes back to
-the first token whose KV did not arrive, then an empty ``LoadRecovery`` lets the worker report
-it loaded. With several ranks that cannot work (each rank holds its own request object), so
+the adapter's ``rewind`` (TensorRT-LLM: the request's writable ``context_current_position``)
+takes it back to the first token whose KV did not arrive, then an empty ``LoadRecovery`` lets
+the worker report it loaded. With several ranks that cannot work (each rank holds its own request object), so
 every rank fails the request together through the next plan.
 """
 
@@ -34,59 +34,40 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Any
+from collections.abc import Callable
 
 from kvbm_core.config import KvbmConfig
 from kvbm_core.events import EventSink
 from kvbm_core.hashing import salt_hash
 from kvbm_core.manager import BlockManager, LoadOutcome, TierSlots
+from kvbm_core.messages import (
+    Completions,
+    LoadRecovery,
+    Message,
+    StoredBlocks,
+    TierSizes,
+    WorkerError,
+)
 from kvbm_core.metrics import KvbmStats
 from kvbm_core.plugins import TierSpec, load_tier_specs, shared_plugin_manager
 from kvbm_core.tier_options import read_tier_options
 from kvbm_discovery.bounded_log import RateLimitedLog
-from kvbm_trtllm.trtllm_api import RequestData
+from kvbm_discovery.discovery import LEADER, WORKER, InstanceInfo, Registration
+from kvbm_runtime.salt import SaltInputs
+from kvbm_runtime.services import RuntimeServices
 
 log = logging.getLogger("kvbm.leader")
 
-__all__ = ["KvbmLeaderCore", "RequestIdentity"]
+__all__ = ["KvbmLeaderCore"]
 
 _TICK_SECS = 0.005
-
-
-class RequestIdentity:
-    """The parts of a request's identity TensorRT-LLM exposes, read the way it exposes them."""
-
-    @staticmethod
-    def lora(request: Any) -> str | None:
-        task_id = getattr(request, "lora_task_id", None)
-        return None if task_id is None else f"task:{int(task_id)}"
-
-    @staticmethod
-    def cache_salt(request: Any, data_salt: str | None = None) -> tuple[bool, str | None]:
-        """``(is_known, key)``: whether the tenant salt is known, and the salt.
-
-        The request object comes first (it is what the lookup saw); ``data_salt`` is
-        ``RequestData.cache_salt``, for requests the lookup never saw.
-        """
-        salt_id: Any = getattr(request, "cache_salt_id", _MISSING)
-        if salt_id is not _MISSING and salt_id is not None:
-            return True, f"id:{int(salt_id)}"
-        salt = getattr(request, "cache_salt", _MISSING)
-        if salt is not _MISSING and salt is not None and not callable(salt):
-            return True, f"salt:{salt}"
-        if data_salt is not None:
-            return True, f"salt:{data_salt}"
-        return salt_id is not _MISSING or salt is not _MISSING, None
-
-
-_MISSING = object()
 
 
 class KvbmLeaderCore:
     def __init__(
         self,
         config: KvbmConfig,
-        services: Any,
+        services: RuntimeServices,
         world_size: int,
         block_size: int,
         model_id: str | None,
@@ -104,19 +85,15 @@ class KvbmLeaderCore:
         self.manager: BlockManager | None = None
         self.error: BaseException | None = None
         self._ready = threading.Event()
-        self._registration = None
-        self._salts: dict[tuple[str | None, str | None], int] = {}
+        self._registration: Registration | None = None
+        self._salts: dict[SaltInputs, int] = {}
         self._restored: dict[str, dict[int, dict[int, int]]] = {}
         self._specs: dict[str, TierSpec] = {}
-        self._requests: dict[int, Any] = {}
-        # Whether this engine's RequestData carries cache_salt (TensorRT-LLM main does).
-        self.request_data_has_salt = "cache_salt" in getattr(RequestData, "__dataclass_fields__", {})
+        self._rewinds: dict[int, Callable[[int], None]] = {}
         self.lock = threading.RLock()
         self._is_closed = threading.Event()
 
     def start(self) -> None:
-        from kvbm_discovery import LEADER, InstanceInfo
-
         self._registration = self.services.discovery.register(
             InstanceInfo(role=LEADER, world_size=self.world_size)
         )
@@ -143,10 +120,8 @@ class KvbmLeaderCore:
             self._ready.set()
 
     def _build_manager(self) -> BlockManager:
-        from kvbm_discovery import TierSizes
-
         peers = self.services.discovery.wait_for_peers(self.world_size)
-        workers = [info for info in peers if info.role == "worker"]
+        workers = [info for info in peers if info.role == WORKER]
         bytes_per_block = sum(info.bytes_per_block for info in workers)
         sizes = self._tier_sizes(bytes_per_block)
         for info in workers:  # per rank: acknowledged delivery (broadcast is best effort)
@@ -216,9 +191,7 @@ class KvbmLeaderCore:
         for outcome in self.manager.take_load_outcomes():
             self._act_on(outcome)
 
-    def _handle(self, message: Any) -> None:
-        from kvbm_discovery import Completions, StoredBlocks, WorkerError
-
+    def _handle(self, message: Message) -> None:
         assert self.manager is not None
         if getattr(message, "rank", 0) not in range(self.world_size):
             self.stats.add("control_rejected_messages")
@@ -234,8 +207,6 @@ class KvbmLeaderCore:
             log.error("kvbm worker rank %d reported: %.2000s", message.rank, message.error)
 
     def _act_on(self, outcome: LoadOutcome) -> None:
-        from kvbm_discovery import LoadRecovery
-
         assert self.manager is not None
         if outcome.retry_jobs:
             for rank in outcome.retry_ranks:
@@ -243,9 +214,9 @@ class KvbmLeaderCore:
                     rank, LoadRecovery(outcome.request_id, outcome.retry_jobs)
                 )
             return
-        request = self._requests.get(outcome.request_id)
-        if self.world_size == 1 and request is not None and outcome.recompute_from_token is not None:
-            request.context_current_position = outcome.recompute_from_token
+        rewind = self._rewinds.get(outcome.request_id)
+        if self.world_size == 1 and rewind is not None and outcome.recompute_from_token is not None:
+            rewind(outcome.recompute_from_token)
             log.warning(
                 "kvbm leader: KV of request %d from token %d did not load; the engine recomputes it",
                 outcome.request_id, outcome.recompute_from_token,
@@ -255,13 +226,14 @@ class KvbmLeaderCore:
         log.error("kvbm leader: KV of request %d could not be loaded; failing it", outcome.request_id)
         self.manager.fail_loads([outcome.request_id])
 
-    def track(self, request: Any) -> None:
-        self._requests[int(request.request_id)] = request
+    def track(self, request_id: int, rewind: Callable[[int], None]) -> None:
+        """Keep how to rewind a request (to a token position) while a load may still fail."""
+        self._rewinds[request_id] = rewind
 
     def forget(self, request_id: int) -> None:
-        self._requests.pop(request_id, None)
+        self._rewinds.pop(request_id, None)
 
-    def _restore(self, message: Any) -> None:
+    def _restore(self, message: StoredBlocks) -> None:
         # Every rank must hold a block in the same slot before any rank's copy is trusted.
         assert self.manager is not None
         spec = self._specs.get(message.tier)
@@ -280,15 +252,11 @@ class KvbmLeaderCore:
         self.manager.restore(message.tier, common)
         log.info("kvbm leader: %d %s block(s) restored from before the restart", len(common), message.tier)
 
-    def salt_for(self, request: Any, data_salt: str | None = None) -> int | None:
-        """The request's block-hash seed, or ``None`` while its tenant salt cannot be known."""
-        is_known, cache_salt = RequestIdentity.cache_salt(request, data_salt)
-        if not is_known and self.request_data_has_salt:
-            return None  # the salt arrives later, in RequestData: nothing may match before
-        key = (RequestIdentity.lora(request), cache_salt)
-        salt = self._salts.get(key)
+    def salt_for(self, inputs: SaltInputs) -> int:
+        """The block-hash seed of a request with these salt inputs, under this leader's model."""
+        salt = self._salts.get(inputs)
         if salt is None:
-            salt = self._salts[key] = salt_hash(self.model_id, key[0], key[1])
+            salt = self._salts[inputs] = salt_hash(self.model_id, inputs.lora, inputs.cache_salt)
         return salt
 
     def close(self) -> None:

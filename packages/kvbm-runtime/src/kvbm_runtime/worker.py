@@ -1,6 +1,7 @@
 """The worker side of the connector: one per GPU rank, the data plane.
 
-Runs in every rank's process (inside TensorRT-LLM's ``KvCacheConnectorWorker``).
+Runs in every rank's process (inside the engine adapter's worker half, e.g. TensorRT-LLM's
+``KvCacheConnectorWorker``).
 
 Operations:
 - ``register_kv_caches(tensors)``: wrap the engine's GPU pool, announce this rank's layout,
@@ -46,15 +47,17 @@ from typing import Any
 from kvbm_core.config import KvbmConfig
 from kvbm_core.layout import KvLayout
 from kvbm_core.manager import IterationPlan
+from kvbm_core.messages import Completions, LoadRecovery, TierSizes
 from kvbm_core.plugins import TierContext, load_tier_specs, shared_plugin_manager
 from kvbm_core.slot_records import SlotRecords
 from kvbm_core.tier_options import read_tier_options
 from kvbm_core.transfer import GPU, DevicePool, JobResult, Storage, TransferEngine, TransferJob
-from kvbm_trtllm.pool_layout import layout_from_layers, layout_from_pool
+from kvbm_discovery.discovery import WORKER, InstanceInfo, Registration
+from kvbm_runtime.services import RuntimeServices
 
 log = logging.getLogger("kvbm.worker")
 
-__all__ = ["KvbmWorkerCore", "WorkerSetup", "TransferProbe", "layout_from_pool", "layout_from_layers"]
+__all__ = ["KvbmWorkerCore", "WorkerSetup", "TransferProbe"]
 
 _POLL_SECS = 0.01
 
@@ -80,7 +83,7 @@ class TransferProbe:
 
 
 class KvbmWorkerCore:
-    def __init__(self, config: KvbmConfig, setup: WorkerSetup, services: Any) -> None:
+    def __init__(self, config: KvbmConfig, setup: WorkerSetup, services: RuntimeServices) -> None:
         self.config = config
         self.setup = setup
         self.services = services
@@ -90,7 +93,7 @@ class KvbmWorkerCore:
         self.records: dict[str, SlotRecords] = {}
         self.engine = TransferEngine()
         self.counters: Counter[str] = Counter()
-        self._registration = None
+        self._registration: Registration | None = None
         self._lock = threading.Lock()
         self._jobs: dict[int, TransferJob] = {}
         self._job_request: dict[int, int] = {}
@@ -165,8 +168,6 @@ class KvbmWorkerCore:
     # ---- start-up --------------------------------------------------------------------------
 
     def register_kv_caches(self, tensors: Sequence[Any], layout: KvLayout) -> None:
-        from kvbm_discovery import WORKER, InstanceInfo, TierSizes
-
         self.layout = layout
         # Tiers pin host memory only for a GPU pool: the device comes from the pool itself.
         self.setup = replace(self.setup, device=str(getattr(tensors[0], "device", "cpu")))
@@ -399,8 +400,6 @@ class KvbmWorkerCore:
             )
 
     def _apply_recoveries(self) -> None:
-        from kvbm_discovery import LoadRecovery
-
         for message in self.inbox.poll():
             if not isinstance(message, LoadRecovery):
                 log.warning("kvbm worker %d: ignoring %s", self.setup.rank, type(message).__name__)
@@ -440,8 +439,6 @@ class KvbmWorkerCore:
     def _collect(self, results: list[JobResult]) -> None:
         if not results:
             return
-        from kvbm_discovery import Completions
-
         self.services.control.send_to_leader(Completions(self.setup.rank, tuple(results)))
         released = []
         with self._lock:
