@@ -14,7 +14,8 @@ them from ``KVBM_DISK_IO_THREADS`` and so on, or from ``tier_options`` in the kv
 ``disk_io_threads`` (blocks in flight
 per direction, default 16), ``disk_io_depth`` (cap on I/O syscalls in flight, default none),
 ``disk_index_flush_secs`` (default 1: a stored block is in the index within a second), ``disk_verify_on_open``
-(check each persisted slot's header at start, default true), ``disk_backend`` (host <-> disk
+(read each persisted slot's header at start, default false: one read per block, minutes at
+10^6 blocks; every load verifies its slot anyway, so a stale entry costs a failed load), ``disk_backend`` (host <-> disk
 I/O: ``auto`` = NIXL when importable else threads, ``nixl``, ``threads``; also env
 ``KVBM_DISK_BACKEND``; GPU <-> disk always uses threads). ``check_options(ctx)`` checks them
 all (what ``make_storage`` does first, and what ``kvbm doctor`` runs).
@@ -112,7 +113,7 @@ def _option(ctx: TierContext, name: str, default: float, kind: type) -> float:
 
 
 def _verify_on_open(ctx: TierContext) -> bool:
-    verify = ctx.options.get("disk_verify_on_open", True)
+    verify = ctx.options.get("disk_verify_on_open", False)
     if not isinstance(verify, bool):
         raise ConfigError(f"tier option disk_verify_on_open={verify!r} is invalid: expected a bool")
     return verify
@@ -197,7 +198,7 @@ OPTIONS = (
     TierOption("disk_io_threads", DEFAULT_IO_THREADS, positive_int),
     TierOption("disk_io_depth", None, optional(positive_int)),
     TierOption("disk_index_flush_secs", 1.0, positive_float),
-    TierOption("disk_verify_on_open", True, flag),
+    TierOption("disk_verify_on_open", False, flag),
     TierOption("disk_backend", "auto", lambda name, value: str(value)),
 )
 
