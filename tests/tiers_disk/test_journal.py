@@ -206,8 +206,8 @@ def test_an_index_of_an_unknown_version_is_refused_and_nothing_served(
 
 
 def test_block_map_is_a_compact_read_only_mapping():
-    slot_ids = np.array([4, 1, 7, 2])
-    hashes = np.array([30, 10, 30, 2**64 - 1], np.uint64)
+    slot_ids = np.array([1, 2, 4, 7])
+    hashes = np.array([10, 2**64 - 1, 30, 30], np.uint64)
     blocks = BlockMap.from_slots(slot_ids, hashes)
     assert blocks == {10: 1, 30: 7, 2**64 - 1: 2}  # a hash stored twice: its highest slot
     assert dict(blocks.items()) == {10: 1, 30: 7, 2**64 - 1: 2}
@@ -236,3 +236,24 @@ def test_slot_table_replays_records_in_order():
     smaller = SlotTable(4)
     assert smaller.apply_records(np.concatenate([first, second])) == 1  # slot 7 is past it
     assert dict(smaller.block_map().items()) == {23: 2}
+
+
+def test_a_journal_without_its_snapshot_never_continues_a_new_one(layout, cache_dir, rows_of):
+    rows = rows_of(16, layout.bytes_per_block)
+    disk = _open(layout, cache_dir)
+    _fill(disk, rows, [0])
+    disk.flush_index()
+    _fill(disk, rows, [1, 2])
+    disk.close()
+    orphan = disk.index.journal_path.read_bytes()
+    disk.index_path.unlink()  # the snapshot is lost; its journal stays
+    disk = _open(layout, cache_dir)
+    assert disk.persisted_blocks() == {}  # a journal alone is not trusted
+    _fill(disk, rows, [5])
+    disk.close()  # compacts: a new snapshot and journal
+    disk.index.journal_path.write_bytes(orphan)  # as if the crash came between the two
+    disk = _open(layout, cache_dir)
+    try:
+        assert disk.persisted_blocks() == {505: 5}
+    finally:
+        disk.close()

@@ -30,6 +30,7 @@ replaced underneath, both index files are removed and never written again.
 from __future__ import annotations
 
 import logging
+import secrets
 import threading
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -118,10 +119,14 @@ class PersistentIndex:
         """Load the snapshot and its journal; (entries listed, entries dropped)."""
         fingerprint = self.slots_file.fingerprint
         snapshot = read_snapshot(self.path, fingerprint)
+        # A fresh series of generations, so that no journal left from before (of a lost or
+        # refused snapshot) can ever continue the snapshot the next compaction writes.
+        self._generation = secrets.randbits(62)
         if snapshot is None:
             self._is_dirty = self.path.exists()  # overwrite a refused file at the first flush
             return 0, 0
-        self._generation = snapshot.generation
+        if not snapshot.is_migrated:
+            self._generation = snapshot.generation
         self._snapshot_bytes = snapshot.entries.nbytes
         num_dropped = self._table.apply_entries(snapshot.entries)
         replay = None

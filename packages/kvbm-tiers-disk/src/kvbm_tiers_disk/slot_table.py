@@ -37,8 +37,9 @@ class BlockMap(Mapping[int, int]):
 
     @classmethod
     def from_slots(cls, slot_ids: np.ndarray, hashes: np.ndarray) -> BlockMap:
-        """The map of slots holding ``hashes``; a hash stored twice maps to its highest slot."""
-        order = np.lexsort((slot_ids, hashes))
+        """The map of ``slot_ids`` (ascending) holding ``hashes``; a hash stored twice maps to
+        its highest slot."""
+        order = np.argsort(hashes, kind="stable")  # equal hashes keep their slot order
         sorted_hashes, sorted_slots = hashes[order], slot_ids[order]
         is_last = np.ones(len(order), bool)
         is_last[:-1] = sorted_hashes[1:] != sorted_hashes[:-1]
@@ -95,7 +96,8 @@ class SlotTable:
 
     def apply_entries(self, entries: np.ndarray) -> int:
         """Store a snapshot's entries; the number dropped for lying past ``num_slots``."""
-        kept = entries[entries["slot"] < self.num_slots]
+        in_range = entries["slot"] < self.num_slots
+        kept = entries if in_range.all() else entries[in_range]  # no copy in the usual case
         slot_ids = kept["slot"].astype(np.intp)
         self.is_stored[slot_ids] = True
         self.hashes[slot_ids] = kept["block_hash"]
