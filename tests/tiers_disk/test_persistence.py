@@ -177,6 +177,23 @@ def test_stale_index_never_serves_wrong_bytes_even_unverified(layout, cache_dir,
         disk.close()
 
 
+def test_background_verification_drops_stale_entries_after_start(layout, cache_dir, rows_of):
+    _stale_index(layout, cache_dir, rows_of)
+    disk = _open(layout, cache_dir, verify_in_background=True)
+    try:
+        assert disk.persisted_blocks() == {500: 0, 501: 1, 502: 2}  # usable at once
+        deadline = time.monotonic() + 30
+        while disk.stats["index_entries_rejected"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert disk.stats["index_entries_rejected"] == 1
+        assert disk.stored_blocks() == {501: 1, 502: 2}
+    finally:
+        disk.close()
+    disk = _open(layout, cache_dir)  # the drop was journaled
+    assert disk.persisted_blocks() == {501: 1, 502: 2}
+    disk.close()
+
+
 def test_corrupt_payload_listed_in_index_fails_on_read(layout, cache_dir, rows_of):
     rows = rows_of(16, layout.bytes_per_block)
     disk = _open(layout, cache_dir)

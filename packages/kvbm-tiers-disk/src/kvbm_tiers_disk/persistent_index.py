@@ -8,7 +8,8 @@ since it (:mod:`kvbm_tiers_disk.journal`). In memory: compact arrays
   journal (cutting a torn tail), keep the entries of slots the tier still has and, with
   ``verify``, read every listed slot's header first (slow: one read per block; by default the
   index is trusted and each load verifies its slot, so a stale entry costs a failed load,
-  never a wrong byte); start the background flusher; register for the exit flush
+  never a wrong byte; ``verify_in_background`` reads them after start, one at a time, and
+  drops the entries they contradict); start the background flusher; register for the exit flush
   (:mod:`kvbm_tiers_disk.exit_flush`).
 - ``persisted_blocks()``: block hash -> slot found at start (a ``BlockMap``: sorted arrays);
   ``stored_blocks()``: the same now.
@@ -40,6 +41,7 @@ import numpy as np
 
 from kvbm_tiers_disk import exit_flush
 from kvbm_tiers_disk.counters import DiskCounters
+from kvbm_tiers_disk.errors import DiskBlockError
 from kvbm_tiers_disk.index_file import ENTRY_DTYPE, read_snapshot, write_snapshot
 from kvbm_tiers_disk.journal import JournalWriter, create_journal, read_journal
 from kvbm_tiers_disk.slot_table import BlockMap, SlotTable
@@ -64,6 +66,7 @@ class PersistentIndex:
         flush_secs: float = 1.0,
         rank: int = 0,
         compact_min_bytes: int | None = None,
+        verify_in_background: bool = False,
     ) -> None:
         self.slots_file = slots_file
         self.path = path
@@ -87,6 +90,12 @@ class PersistentIndex:
             target=self._flush_loop, name=f"kvbm-disk-index-rank{rank}", daemon=True
         )
         self._flusher.start()
+        self._verifier: threading.Thread | None = None
+        if verify_in_background and not verify and self._persisted:
+            self._verifier = threading.Thread(
+                target=self._verify_loop, name=f"kvbm-disk-verify-rank{rank}", daemon=True
+            )
+            self._verifier.start()
         exit_flush.register(self)
 
     # ------------------------------------------------------------------ loading
@@ -161,6 +170,40 @@ class PersistentIndex:
         for slot in bad.tolist():
             self._table.remove(slot)
         return len(bad)
+
+    def _verify_loop(self) -> None:
+        """Read the header of every slot listed at start, one at a time, dropping the entries
+        it contradicts; stops when the tier closes. A dropped entry would have cost a failed
+        load; the leader still learns of it that way."""
+        num_dropped = 0
+        for slot in np.sort(self._persisted.slot_ids).tolist():
+            with self._lock:
+                if self._is_closed or not self._table.is_stored[slot]:
+                    continue
+                expected = int(self._table.hashes[slot]), int(self._table.checksums[slot])
+            try:
+                self.slots_file.begin_io()
+            except DiskBlockError:
+                break  # closing
+            try:
+                is_valid = self.slots_file.is_header_valid(slot, *expected)
+            finally:
+                self.slots_file.end_io()
+            if is_valid:
+                continue
+            with self._lock:  # unless the slot was rewritten meanwhile
+                current = int(self._table.hashes[slot]), int(self._table.checksums[slot])
+                if self._table.is_stored[slot] and current == expected:
+                    self._table.remove(slot)
+                    num_dropped += 1
+        if num_dropped:
+            self._counters.count("index_entries_rejected", num_dropped)
+            log.warning(
+                "kvbm disk tier: background verification dropped %d index entries of %s whose "
+                "slot header does not match",
+                num_dropped,
+                self.slots_file.path,
+            )
 
     # ------------------------------------------------------------------ entries
 
@@ -299,6 +342,8 @@ class PersistentIndex:
             self._is_closed = True
             self._wake.notify_all()
         self._flusher.join()
+        if self._verifier is not None:
+            self._verifier.join()
         self.flush_index()
         with self._flush_lock:
             if self._writer is not None:

@@ -91,6 +91,7 @@ class DiskStorage(Storage):
         index_flush_secs: float = 1.0,
         verify_on_open: bool = False,
         index_compact_bytes: int | None = None,
+        verify_in_background: bool = False,
         io_depth: int | None = None,
         model_id: str | None = None,
     ) -> None:
@@ -129,6 +130,7 @@ class DiskStorage(Storage):
                 flush_secs=index_flush_secs,
                 rank=rank,
                 compact_min_bytes=index_compact_bytes,
+                verify_in_background=verify_in_background,
             )
 
     # ------------------------------------------------------------------ block I/O
