@@ -10,13 +10,26 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from kvbm_tiers_disk import index_file
+from kvbm_tiers_disk import index_file, journal
+from kvbm_tiers_disk.slot_table import SlotTable
 from kvbm_tiers_disk.storage import DiskBlockError, DiskStorage
 
 
 def _open(layout, cache_dir, **kwargs):
     kwargs.setdefault("index_flush_secs", 3600)
     return DiskStorage(layout, kwargs.pop("num_slots", 16), cache_dir, **kwargs)
+
+
+def on_disk(disk) -> dict[int, int]:
+    """Slot -> block hash that the index files say now (snapshot, then its journal)."""
+    snapshot = index_file.read_snapshot(disk.index_path, disk.fingerprint)
+    assert snapshot is not None
+    table = SlotTable(disk.num_slots)
+    table.apply_entries(snapshot.entries)
+    replay = journal.read_journal(disk.index.journal_path, disk.fingerprint, snapshot.generation)
+    if replay is not None:
+        table.apply_records(replay.records)
+    return {slot: block_hash for block_hash, slot in table.block_map().items()}
 
 
 def _fill(disk, rows, slots, base=500):
@@ -64,8 +77,7 @@ def test_index_is_flushed_in_the_background(layout, cache_dir, rows_of):
         deadline = time.monotonic() + 30
         while disk.stats["index_flushes"] == 0 and time.monotonic() < deadline:
             time.sleep(0.01)
-        entries = index_file.read_index(disk.index_path, disk.fingerprint)
-        assert entries is not None and entries[2][0] == 77
+        assert on_disk(disk) == {2: 77}
     finally:
         disk.close()
 
@@ -130,17 +142,23 @@ def _stale_index(layout, cache_dir, rows_of):
     disk = _open(layout, cache_dir)
     _fill(disk, rows, range(3))
     disk.flush_index()
-    saved = cache_dir / "saved-index"
-    shutil.copy(disk.index_path, saved)
+    saved = {path: cache_dir / f"saved-{path.name}" for path in _index_files(disk)}
+    for path, copy in saved.items():
+        shutil.copy(path, copy)
     disk.write_block(0, 900, rows[9])
     disk.close()
-    os.replace(saved, disk.index_path)
+    for path, copy in saved.items():
+        os.replace(copy, path)
     return rows
+
+
+def _index_files(disk):
+    return [disk.index_path, disk.index.journal_path]
 
 
 def test_stale_index_entry_is_rejected_at_start(layout, cache_dir, rows_of):
     _stale_index(layout, cache_dir, rows_of)
-    disk = _open(layout, cache_dir)
+    disk = _open(layout, cache_dir, verify_on_open=True)
     try:
         assert disk.persisted_blocks() == {501: 1, 502: 2}
         assert disk.stats["index_entries_rejected"] == 1
@@ -150,13 +168,30 @@ def test_stale_index_entry_is_rejected_at_start(layout, cache_dir, rows_of):
 
 def test_stale_index_never_serves_wrong_bytes_even_unverified(layout, cache_dir, rows_of):
     _stale_index(layout, cache_dir, rows_of)
-    disk = _open(layout, cache_dir, verify_on_open=False)
+    disk = _open(layout, cache_dir)
     try:
-        assert disk.persisted_blocks()[500] == 0  # trusted without the start-up check...
+        assert disk.persisted_blocks()[500] == 0  # trusted by default...
         with pytest.raises(DiskBlockError, match="stale"):  # ...but the slot header catches it
             disk.read_block(0, 500, np.zeros(layout.bytes_per_block, np.uint8))
     finally:
         disk.close()
+
+
+def test_background_verification_drops_stale_entries_after_start(layout, cache_dir, rows_of):
+    _stale_index(layout, cache_dir, rows_of)
+    disk = _open(layout, cache_dir, verify_in_background=True)
+    try:
+        assert disk.persisted_blocks() == {500: 0, 501: 1, 502: 2}  # usable at once
+        deadline = time.monotonic() + 30
+        while disk.stats["index_entries_rejected"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert disk.stats["index_entries_rejected"] == 1
+        assert disk.stored_blocks() == {501: 1, 502: 2}
+    finally:
+        disk.close()
+    disk = _open(layout, cache_dir)  # the drop was journaled
+    assert disk.persisted_blocks() == {501: 1, 502: 2}
+    disk.close()
 
 
 def test_corrupt_payload_listed_in_index_fails_on_read(layout, cache_dir, rows_of):
@@ -167,7 +202,7 @@ def test_corrupt_payload_listed_in_index_fails_on_read(layout, cache_dir, rows_o
     with open(disk.path, "r+b") as f:
         f.seek(disk.geometry.offset(1) + disk.geometry.stride - disk.geometry.payload_bytes + 5)
         f.write(b"\x00\x01\x02")
-    disk = _open(layout, cache_dir)
+    disk = _open(layout, cache_dir, verify_on_open=True)
     try:
         assert disk.persisted_blocks() == {500: 0, 501: 1}  # headers are intact
         with pytest.raises(DiskBlockError, match="checksum"):
@@ -192,29 +227,49 @@ def test_smaller_tier_drops_entries_past_its_end(layout, cache_dir, rows_of):
         disk.close()
 
 
-def test_failed_index_write_keeps_the_old_file(
-    layout, cache_dir, rows_of, monkeypatch, caplog_disk
-):
+def test_failed_journal_append_is_retried(layout, cache_dir, rows_of, monkeypatch, caplog_disk):
     rows = rows_of(16, layout.bytes_per_block)
     disk = _open(layout, cache_dir)
     _fill(disk, rows, range(2))
     assert disk.flush_index()
-    before = disk.index_path.read_bytes()
+    before = disk.index.journal_path.read_bytes()
     disk.write_block(5, 505, rows[5])
 
     def fail(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(os, "replace", fail)
+    monkeypatch.setattr(os, "pwrite", fail)
     assert not disk.flush_index()
-    assert disk.index_path.read_bytes() == before
-    assert not list(cache_dir.glob("*.tmp-*"))  # the temp file is cleaned up
+    assert disk.index.journal_path.read_bytes() == before  # nothing torn left behind
     assert disk.stats["index_flush_errors"] == 1
     monkeypatch.undo()
     disk.close()  # retried on close
     assert any("cannot write index" in r.getMessage() for r in caplog_disk.records)
     disk = _open(layout, cache_dir)
     assert disk.persisted_blocks() == {500: 0, 501: 1, 505: 5}
+    disk.close()
+
+
+def test_failed_compaction_keeps_the_old_files(layout, cache_dir, rows_of, monkeypatch):
+    rows = rows_of(16, layout.bytes_per_block)
+    disk = _open(layout, cache_dir)
+    _fill(disk, rows, range(2))
+    assert disk.flush_index()
+    before = [path.read_bytes() for path in _index_files(disk)]
+    disk.record_cleared()  # a clear is written as a new, empty snapshot
+    _fill(disk, rows, [7])
+
+    def fail(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", fail)
+    assert not disk.flush_index()
+    assert [path.read_bytes() for path in _index_files(disk)] == before
+    assert not list(cache_dir.glob("*.tmp-*"))  # the temp file is cleaned up
+    monkeypatch.undo()
+    disk.close()  # retried on close
+    disk = _open(layout, cache_dir)
+    assert disk.persisted_blocks() == {507: 7}
     disk.close()
 
 
@@ -232,9 +287,11 @@ def test_temp_file_of_a_crashed_flush_is_ignored_and_removed(layout, cache_dir, 
         disk.close()
 
 
-def test_index_encoding_round_trips():
-    entries = {3: (2**64 - 1, 12), 0: (5, 2**63)}
-    data = index_file.encode_index(123, entries)
-    assert index_file.decode_index(data, 123) == entries
+def test_snapshot_encoding_round_trips():
+    entries = np.array([(0, 5, 2**63), (3, 2**64 - 1, 12)], index_file.ENTRY_DTYPE)
+    data = index_file.encode_snapshot(123, 9, entries)
+    snapshot = index_file.decode_snapshot(data, 123)
+    assert snapshot.generation == 9 and not snapshot.is_migrated
+    assert snapshot.entries.tolist() == entries.tolist()
     with pytest.raises(ValueError, match="another layout"):
-        index_file.decode_index(data, 124)
+        index_file.decode_snapshot(data, 124)

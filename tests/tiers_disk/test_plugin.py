@@ -51,6 +51,7 @@ def test_disable_o_direct_knob(ctx):
         {"disk_io_depth": -1},
         {"disk_index_flush_secs": "soon"},
         {"disk_verify_on_open": "yes"},
+        {"disk_verify_in_background": 1},
     ],
 )
 def test_bad_options_are_config_errors(ctx, options):

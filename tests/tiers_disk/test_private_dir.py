@@ -147,6 +147,37 @@ def test_a_hard_link_at_the_index_is_refused_and_nothing_is_served(tmp_path: Pat
         _open(directory)
 
 
+def test_a_hard_link_at_the_journal_is_refused(tmp_path: Path) -> None:
+    directory = tmp_path / "kvbm"
+    storage = _open(directory)
+    storage.write_block(0, 7, random_rows(1, SMALL.bytes_per_block)[0])
+    storage.close()
+    os.link(directory / "kvbm-disk-rank0.journal", tmp_path / "elsewhere")
+    with pytest.raises(ConfigError, match=r"kvbm-disk-rank0.journal' has 2 hard links"):
+        _open(directory)
+
+
+def test_a_symlink_planted_at_the_journal_is_neither_read_nor_written(tmp_path: Path) -> None:
+    directory = tmp_path / "kvbm"
+    storage = _open(directory)
+    storage.write_block(0, 7, random_rows(1, SMALL.bytes_per_block)[0])
+    storage.close()
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious")
+    journal = directory / "kvbm-disk-rank0.journal"
+    journal.unlink()
+    journal.symlink_to(victim)
+    storage = _open(directory)
+    try:
+        assert storage.persisted_blocks() == {7: 0}  # the snapshot alone
+        storage.write_block(1, 8, random_rows(1, SMALL.bytes_per_block)[0])
+    finally:
+        storage.close()
+    assert victim.read_bytes() == b"precious"
+    assert not journal.is_symlink()  # replaced by a journal of our own
+    _assert_serves(directory)
+
+
 def test_the_default_directory_is_per_user_and_never_shared(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

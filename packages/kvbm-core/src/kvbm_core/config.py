@@ -65,6 +65,7 @@ OTHER_SETTING_NAMES = (
     "disk_io_depth",
     "disk_index_flush_secs",
     "disk_verify_on_open",
+    "disk_verify_in_background",
     "etcd_lease_ttl_secs",
     "require_services",
 )

@@ -28,6 +28,7 @@ STAT_NAMES = (
     "io_errors",
     "enospc_errors",
     "index_flushes",
+    "index_compactions",
     "index_flush_errors",
     "index_entries_rejected",
     "file_lost",

@@ -14,7 +14,9 @@ them from ``KVBM_DISK_IO_THREADS`` and so on, or from ``tier_options`` in the kv
 ``disk_io_threads`` (blocks in flight
 per direction, default 16), ``disk_io_depth`` (cap on I/O syscalls in flight, default none),
 ``disk_index_flush_secs`` (default 1: a stored block is in the index within a second), ``disk_verify_on_open``
-(check each persisted slot's header at start, default true), ``disk_backend`` (host <-> disk
+(read each persisted slot's header at start, default false: one read per block, minutes at
+10^6 blocks; every load verifies its slot anyway, so a stale entry costs a failed load),
+``disk_verify_in_background`` (read them after start instead, one at a time, default false), ``disk_backend`` (host <-> disk
 I/O: ``auto`` = NIXL when importable else threads, ``nixl``, ``threads``; also env
 ``KVBM_DISK_BACKEND``; GPU <-> disk always uses threads). ``check_options(ctx)`` checks them
 all (what ``make_storage`` does first, and what ``kvbm doctor`` runs).
@@ -111,10 +113,10 @@ def _option(ctx: TierContext, name: str, default: float, kind: type) -> float:
     return number
 
 
-def _verify_on_open(ctx: TierContext) -> bool:
-    verify = ctx.options.get("disk_verify_on_open", True)
+def _bool_option(ctx: TierContext, name: str) -> bool:
+    verify = ctx.options.get(name, False)
     if not isinstance(verify, bool):
-        raise ConfigError(f"tier option disk_verify_on_open={verify!r} is invalid: expected a bool")
+        raise ConfigError(f"tier option {name}={verify!r} is invalid: expected a bool")
     return verify
 
 
@@ -123,7 +125,8 @@ def check_options(ctx: TierContext) -> str:
     ``make_storage`` does at start; the host <-> disk backend it will use."""
     _option(ctx, "disk_io_threads", DEFAULT_IO_THREADS, int)
     _option(ctx, "disk_index_flush_secs", 1.0, float)
-    _verify_on_open(ctx)
+    _bool_option(ctx, "disk_verify_on_open")
+    _bool_option(ctx, "disk_verify_in_background")
     _io_depth(ctx)
     return disk_backend(ctx)
 
@@ -139,7 +142,8 @@ def make_storage(ctx: TierContext) -> DiskStorage:
         world_size=ctx.world_size,
         use_o_direct=not config.disk_disable_o_direct,
         index_flush_secs=_option(ctx, "disk_index_flush_secs", 1.0, float),
-        verify_on_open=_verify_on_open(ctx),
+        verify_on_open=_bool_option(ctx, "disk_verify_on_open"),
+        verify_in_background=_bool_option(ctx, "disk_verify_in_background"),
         io_depth=_io_depth(ctx),
         model_id=config.model_id,
     )
@@ -197,7 +201,8 @@ OPTIONS = (
     TierOption("disk_io_threads", DEFAULT_IO_THREADS, positive_int),
     TierOption("disk_io_depth", None, optional(positive_int)),
     TierOption("disk_index_flush_secs", 1.0, positive_float),
-    TierOption("disk_verify_on_open", True, flag),
+    TierOption("disk_verify_on_open", False, flag),
+    TierOption("disk_verify_in_background", False, flag),
     TierOption("disk_backend", "auto", lambda name, value: str(value)),
 )
 

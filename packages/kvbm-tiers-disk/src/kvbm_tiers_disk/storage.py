@@ -10,7 +10,8 @@ Operations (any thread unless said otherwise):
   ``ConfigError`` naming the directory, the bytes needed and the bytes free), open or create
   ``kvbm-disk-rank<r>.slots`` (0600, never through a link, refused when another user could
   change it, locked against a second process), preallocate ``num_slots`` slots, open it with
-  O_DIRECT when the filesystem allows (a fallback is logged once), load and verify the index.
+  O_DIRECT when the filesystem allows (a fallback is logged once), load the index (and, with
+  ``verify_on_open``, read every listed slot's header).
 - ``write_block(slot, block_hash, src)``: write one block and its header; returns the payload
   checksum. ``read_block(slot, block_hash, dst)``: read one block and verify its header (slot,
   block hash, layout) and checksum before copying it to ``dst``. Both raise ``DiskBlockError``
@@ -19,20 +20,20 @@ Operations (any thread unless said otherwise):
   contiguous, one I/O), which is how the GPU handlers avoid a copy through their bounce buffer.
   ``prepare_write``/``complete_write``, ``verify_read``, ``io_failure`` and
   ``begin_io``/``end_io`` are their steps, for handlers that do the I/O themselves (NIXL).
-- ``persisted_blocks()``: block hash -> slot that the previous process left on disk, after the
-  index file and each listed slot's header were verified (what the leader's index is seeded
-  with). ``stored_blocks()``: the same for what the tier holds now.
+- ``persisted_blocks()``: block hash -> slot that the previous process left on disk, from the
+  verified index files (what the leader's index is seeded with; a ``BlockMap``, a read-only
+  mapping over sorted arrays). ``stored_blocks()``: the same for what the tier holds now.
 - ``record_evicted(slot_ids)`` / ``record_cleared()``: forget slots the leader evicted.
 - ``sync()``: fdatasync the slots file (completed writes become durable).
-- ``flush_index()``: write the index now; also done every ``index_flush_secs`` by a background
-  thread and on ``close()``.
+- ``flush_index()``: make index changes durable now (a journal append); also done every
+  ``index_flush_secs`` by a background thread and on ``close()``.
 - ``stats``: a snapshot of the counters (``corrupt_blocks``, ``io_errors``, ...).
 
 Index contract: a slot's entry is dropped when a write to it starts and added when the write
-completes; evictions are recorded with ``record_evicted``. Calls only touch memory; the file is
-rewritten (after an fdatasync of the slots file, so it never lists bytes the disk may not
-have) at most every ``index_flush_secs`` (1 s by default), on ``close()`` and when the process
-exits without it (``atexit``, SIGTERM: :mod:`kvbm_tiers_disk.exit_flush`). After a crash the
+completes; evictions are recorded with ``record_evicted``. Calls only touch memory; the changes
+are appended to the index journal (after an fdatasync of the slots file, so it never lists
+bytes the disk may not have) every ``index_flush_secs`` (1 s by default), on ``close()`` and
+when the process exits without it (``atexit``, SIGTERM: :mod:`kvbm_tiers_disk.exit_flush`). After a crash the
 index may be up to that old; every slot carries its own header, so a stale entry costs a failed
 load (reported in ``bad_block_hashes``), never wrong KV.
 """
@@ -62,6 +63,7 @@ from kvbm_tiers_disk.slot_format import (
     SlotGeometry,
     layout_fingerprint,
 )
+from kvbm_tiers_disk.slot_table import BlockMap
 from kvbm_tiers_disk.slots_file import SlotsFile, closed_on_failure
 
 __all__ = ["DiskStorage", "DiskBlockError", "STAT_NAMES"]
@@ -87,7 +89,9 @@ class DiskStorage(Storage):
         world_size: int = 1,
         use_o_direct: bool = True,
         index_flush_secs: float = 1.0,
-        verify_on_open: bool = True,
+        verify_on_open: bool = False,
+        index_compact_bytes: int | None = None,
+        verify_in_background: bool = False,
         io_depth: int | None = None,
         model_id: str | None = None,
     ) -> None:
@@ -125,6 +129,8 @@ class DiskStorage(Storage):
                 verify=verify_on_open,
                 flush_secs=index_flush_secs,
                 rank=rank,
+                compact_min_bytes=index_compact_bytes,
+                verify_in_background=verify_in_background,
             )
 
     # ------------------------------------------------------------------ block I/O
@@ -295,11 +301,12 @@ class DiskStorage(Storage):
 
     # ------------------------------------------------------------------ index
 
-    def persisted_blocks(self) -> dict[int, int]:
-        """Block hash -> slot found on disk at start (verified index entries and headers)."""
+    def persisted_blocks(self) -> BlockMap:
+        """Block hash -> slot found on disk at start: the index's entries (their headers
+        read first with ``verify_on_open``), as a read-only mapping over sorted arrays."""
         return self.index.persisted_blocks()
 
-    def stored_blocks(self) -> dict[int, int]:
+    def stored_blocks(self) -> BlockMap:
         """Block hash -> slot of every block this tier holds now."""
         return self.index.stored_blocks()
 
