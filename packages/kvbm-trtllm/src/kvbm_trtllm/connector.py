@@ -56,6 +56,8 @@ from kvbm_trtllm.trtllm_api import (
     SchedulerOutput,
     current_rank,
 )
+from kvbm_trtllm.v2_connector import PRIMARY_GROUP_KEY, LayerGroupLeader, LayerGroupWorker
+from kvbm_trtllm.v2_layout import primary_group_index, region_pool
 from kvbm_trtllm.worker import KvbmWorkerCore, WorkerSetup
 
 log = logging.getLogger("kvbm.connector")
@@ -104,7 +106,7 @@ def _check_supported(llm_args: Any) -> None:
         )
 
 
-class KvbmConnectorLeader(KvCacheConnectorScheduler):
+class KvbmConnectorLeader(LayerGroupLeader, KvCacheConnectorScheduler):
     def __init__(self, llm_args: Any):
         super().__init__(llm_args)
         _check_supported(llm_args)
@@ -140,6 +142,7 @@ class KvbmConnectorLeader(KvCacheConnectorScheduler):
             if salt is None or _flag(request, "is_generation_only_request"):
                 return 0, False
             tokens = list(request.get_tokens(0))[: int(request.prompt_len)]
+            self.note_device_hit(int(request.request_id), int(num_computed_tokens))
             match = manager.lookup(
                 int(request.request_id), tokens, int(num_computed_tokens), salt,
                 is_sync_load=not self.config.async_load,
@@ -163,15 +166,15 @@ class KvbmConnectorLeader(KvCacheConnectorScheduler):
                 request = self._allocated.pop(data.request_id, _NoIdentity)
                 salt = self.core.salt_for(request, getattr(data, "cache_salt", None))
                 manager.schedule(
-                    data.request_id, data.new_tokens, data.new_block_ids, data.computed_position,
-                    data.num_scheduled_tokens, is_new=True, salt=salt,
+                    data.request_id, data.new_tokens, self.block_ids_of(data),
+                    data.computed_position, data.num_scheduled_tokens, is_new=True, salt=salt,
                 )
             for data in scheduler_output.cached_requests:
                 manager.schedule(
-                    data.request_id, data.new_tokens, data.new_block_ids, data.computed_position,
-                    data.num_scheduled_tokens,
+                    data.request_id, data.new_tokens, self.block_ids_of(data),
+                    data.computed_position, data.num_scheduled_tokens,
                 )
-            return manager.build_plan()
+            return self.wrap_plan(manager.build_plan())
 
     def request_finished(self, request: Any, cache_block_ids: list[int]) -> bool:
         with self.core.lock:
@@ -187,7 +190,7 @@ class KvbmConnectorLeader(KvCacheConnectorScheduler):
         self.services.close()
 
 
-class KvbmConnectorWorker(KvCacheConnectorWorker):
+class KvbmConnectorWorker(LayerGroupWorker, KvCacheConnectorWorker):
     def __init__(self, llm_args: Any):
         super().__init__(llm_args)
         _check_supported(llm_args)
@@ -204,13 +207,25 @@ class KvbmConnectorWorker(KvCacheConnectorWorker):
         self._is_cuda = False
 
     def register_kv_caches(self, kv_cache_tensor: Any) -> None:
-        from kvbm_discovery import StoredBlocks
-
         self._is_cuda = bool(getattr(kv_cache_tensor, "is_cuda", False))
         layout = layout_from_pool(
             kv_cache_tensor, self.setup.tokens_per_block, self.facts, self.setup.world_size
         )
         self.core.register_kv_caches([kv_cache_tensor], layout)
+        self._announce_persisted()
+
+    def register_kv_cache_layout(self, layout: Any) -> None:
+        """KVCacheManagerV2: page regions per layer group (``v2_layout``), in place of a pool."""
+        pool = region_pool(layout)
+        self.region_pool = pool
+        self._is_cuda = getattr(pool.device, "type", str(pool.device)) == "cuda"
+        metadata = {PRIMARY_GROUP_KEY: str(primary_group_index(layout))}
+        self.core.register_kv_caches([], pool.layout, pool=pool, metadata=metadata)
+        self._announce_persisted()
+
+    def _announce_persisted(self) -> None:
+        from kvbm_discovery import StoredBlocks
+
         for tier, blocks in self.core.persisted_blocks().items():
             self.services.control.send_to_leader(StoredBlocks(self.setup.rank, tier, blocks))
 
@@ -238,7 +253,7 @@ class KvbmConnectorWorker(KvCacheConnectorWorker):
             raise KvbmLoadError(error)
 
     def start_load_kv(self, stream: Any) -> None:
-        plan = self.get_connector_meta()
+        plan = self.apply_pages(self.get_connector_meta())
         iteration = getattr(plan, "iteration", None)
         if plan is None or iteration == self._last_iteration:
             return  # nothing bound, or the same plan bound again on an idle iteration

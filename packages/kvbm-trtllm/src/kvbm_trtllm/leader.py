@@ -109,6 +109,7 @@ class KvbmLeaderCore:
         self._restored: dict[str, dict[int, dict[int, int]]] = {}
         self._specs: dict[str, TierSpec] = {}
         self._requests: dict[int, Any] = {}
+        self.worker_metadata: dict[str, str] = {}  # rank 0's InstanceInfo.metadata, once ready
         # Whether this engine's RequestData carries cache_salt (TensorRT-LLM main does).
         self.request_data_has_salt = "cache_salt" in getattr(RequestData, "__dataclass_fields__", {})
         self.lock = threading.RLock()
@@ -147,6 +148,7 @@ class KvbmLeaderCore:
 
         peers = self.services.discovery.wait_for_peers(self.world_size)
         workers = [info for info in peers if info.role == "worker"]
+        self.worker_metadata = dict(workers[0].metadata) if workers else {}
         bytes_per_block = sum(info.bytes_per_block for info in workers)
         sizes = self._tier_sizes(bytes_per_block)
         for info in workers:  # per rank: acknowledged delivery (broadcast is best effort)

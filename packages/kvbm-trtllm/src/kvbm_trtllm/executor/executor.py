@@ -79,12 +79,14 @@ from kvbm_trtllm.executor.connector import (
 )
 from kvbm_trtllm.executor.cuda_graphs import GraphCaptures
 from kvbm_trtllm.executor.distributed import Comm, LocalComm
+from kvbm_trtllm.executor.layer_groups import LayerGroups
 from kvbm_trtllm.executor.model import ModelConfig, ReferenceModel, SequenceChunk
 from kvbm_trtllm.executor.pool import BlockPool, PoolConfig
 from kvbm_trtllm.executor.profiles import DEFAULT_TRTLLM_VERSION, get_profile
 from kvbm_trtllm.executor.request_state import _Request, _State
 from kvbm_trtllm.executor.results import IterationStats, RunResult, request_result
 from kvbm_trtllm.executor.scheduling import _Plan, _Scheduling
+from kvbm_trtllm.executor.v2 import _KvCacheManagerCalls
 from kvbm_trtllm.executor.workloads import Workload
 from kvbm_trtllm.trtllm_api import (
     CudaGraphConfigLike,
@@ -101,7 +103,7 @@ __all__ = ["Executor", "ConnectorContractError", "ConnectorSpec", "resolve_conne
 _DEFAULT_CUDA_GRAPHS = CudaGraphConfigLike()  # TorchLlmArgs: Field(default_factory=CudaGraphConfig)
 
 
-class Executor(_Scheduling, _Completion):
+class Executor(_Scheduling, _Completion, _KvCacheManagerCalls):
     def __init__(
         self,
         model_config: ModelConfig,
@@ -139,6 +141,7 @@ class Executor(_Scheduling, _Completion):
         if self.worker is not None:
             self._forward_callable = self.worker.register_forward_pass_callable() or None
         self.model = ReferenceModel(model_config, self.comm, device=device)
+        self._unwritten_pages: set[int] = set()
         self.pool = BlockPool(
             pool_config,
             num_layers=model_config.num_layers,
@@ -146,9 +149,25 @@ class Executor(_Scheduling, _Completion):
             head_dim=model_config.head_dim,
             dtype=model_config.torch_dtype,
             device=self.model.device,
+            layer_groups=self._layer_groups(connector is not None),
         )
         if self.worker is not None:
-            self.worker.register_kv_caches(self.pool.tensor)
+            self._check_layer_group_scheduler()
+            self._register_pool()
+
+    def _layer_groups(self, has_connector: bool) -> LayerGroups:
+        windows = self.model_config.layer_windows
+        if self.profile.is_kv_cache_manager_v2:
+            return LayerGroups.from_windows(windows)
+        if has_connector and len(set(windows)) > 1:
+            # V1's BlockManager: TLLM_CHECK "KV Cache Connector is not supported with multiple
+            # window sizes" (reference section 7).
+            raise ConnectorContractError(
+                f"trtllm_version {self.profile.name!r} (KV cache manager V1) does not support a KV "
+                f"cache connector with multiple window sizes {sorted(set(windows), key=str)}; use "
+                f"trtllm_version='v2'"
+            )
+        return LayerGroups.single(self.model_config.num_layers)
 
     def close(self) -> None:
         """Shut down the connector's parts that have a ``shutdown()`` (engines do so at exit)."""
