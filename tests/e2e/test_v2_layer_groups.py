@@ -66,3 +66,23 @@ def test_v2_layer_group_long_documents_chunked(e2e):
     workload = long_document_qa(num_documents=8, document_tokens=160, num_questions=3, seed=6)
     baseline = e2e.recompute(workload, swa_model(e2e))
     check(run_v2(e2e, workload, {"cpu_cache_override_num_blocks": 4000}, chunk_size=48), baseline)
+
+
+def _halve_or_drop(request_id: int, offered: int) -> int:
+    """V2 honouring less than offered: nothing for every third request, half (whole blocks)
+    for every other, all of it otherwise."""
+    if request_id % 3 == 0:
+        return 0
+    if request_id % 2 == 0:
+        return offered // 2 // 16 * 16
+    return offered
+
+
+@pytest.mark.parametrize("async_load", [True, False])
+def test_v2_partial_honour_and_cancel_load(e2e, chat, async_load):
+    workload, baseline = chat
+    kvbm = {"cpu_cache_override_num_blocks": 4000, "async_load": async_load}
+    run = run_v2(e2e, workload, kvbm, honour_offer=_halve_or_drop)
+    check(run, baseline)
+    # kvbm matched more than V2 took: the difference was cancelled, never loaded.
+    assert run.stats["matched_tokens"] > run.result.num_connector_hit_tokens

@@ -120,6 +120,7 @@ class Executor(_Scheduling, _Completion, _KvCacheManagerCalls):
         comm: Comm | None = None,
         device: str | None = None,
         max_iterations: int = 1_000_000,
+        honour_offer: Callable[[int, int], int] | None = None,
     ):
         if chunk_size is not None and chunk_size <= 0:
             raise ValueError(f"chunk_size must be positive or None, got {chunk_size}")
@@ -132,6 +133,7 @@ class Executor(_Scheduling, _Completion, _KvCacheManagerCalls):
         self.max_batch_size = max_batch_size
         self.max_num_tokens = max_num_tokens
         self.max_iterations = max_iterations
+        self.honour_offer = honour_offer  # V2: tokens of a connector offer committed (v2.py)
         self.comm = comm or LocalComm()
         self.rank = self.comm.rank
         self.tp_size = self.comm.world_size

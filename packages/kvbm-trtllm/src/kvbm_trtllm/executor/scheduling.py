@@ -61,6 +61,7 @@ class _Scheduling:
     _trim_device_match: Any
     _num_first_blocks: Any
     _report_alloc: Any
+    _honour_offer: Any
     max_num_tokens: int
     _specs: dict[int, RequestSpec]
     _not_arrived: list[RequestSpec]
@@ -161,6 +162,7 @@ class _Scheduling:
             self._waiting.popleft()
             device_hit = len(matched) * self.tokens_per_block
             n, is_async = self._ask_connector(req, device_hit)
+            n = self._honour_offer(req, device_hit, n)
             self._admit(req, matched, n, is_async)
             admitted.append((req.request_id, n, is_async))
         return admitted

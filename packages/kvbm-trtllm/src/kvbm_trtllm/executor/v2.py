@@ -18,6 +18,13 @@ the KV cache manager goes through it. Sources: KC = ``connectors/kv_cache_connec
 - ``_report_finished(req) -> bool``: V1 ``request_finished(req, block_ids)``; V2
   ``request_finished_by_layer_group(req, lists)`` with the window at the request's end.
 - ``_new_ids_by_group(req, new_ids)``: ``RequestData.new_block_ids_by_layer_group``.
+- ``_honour_offer(req, device_hit, n) -> m``: V2 commits what it can of an offer
+  (``commit_new_matched_tokens``; "V2 may honour less than it was offered"). The executor's
+  ``honour_offer(request_id, n) -> m`` option decides (default: all of it; ``m`` a multiple of
+  the block size, or ``n``); when ``m < n``, ``cancel_load(req, device_hit + m, device_hit + n)``
+  before ``update_state_after_alloc`` [U: the argument convention, token positions]. An async
+  offer stays async even when ``m`` is 0: the request is parked until ``get_finished``
+  reports it loaded, then computed from ``device_hit + m`` (the load is awaited and discarded).
 - ``_trim_device_match(matched)``: a device prefix ends only where the sliding group's pages
   of its window hold KV. Blocks a connector loaded while their sliding page was reported
   ``-1`` have no KV there (``_mark_unwritten``); a match whose window reaches one is cut
@@ -44,6 +51,7 @@ class _KvCacheManagerCalls:
     worker: Any
     profile: TrtllmProfile
     chunk_size: int | None
+    honour_offer: Any
     _unwritten_pages: set[int]
 
     @property
@@ -126,6 +134,22 @@ class _KvCacheManagerCalls:
             return [list(new_ids)]
         first = len(req.block_ids) - len(new_ids)
         return self._by_group(new_ids, first, req.num_computed)
+
+    def _honour_offer(self, req: _Request, device_hit: int, offered: int) -> int:
+        if not self._is_v2 or self.honour_offer is None or offered == 0:
+            return offered
+        honoured = int(self.honour_offer(req.request_id, offered))
+        t = self.pool.tokens_per_block
+        if not 0 <= honoured <= offered or (honoured % t and honoured != offered):
+            raise ValueError(
+                f"honour_offer({req.request_id}, {offered}) returned {honoured}; it must be a "
+                f"multiple of {t} tokens in [0, {offered}] (or {offered} itself)"
+            )
+        if honoured < offered and self.scheduler is not None:
+            cancel = getattr(self.scheduler, "cancel_load", None)
+            if cancel is not None:
+                cancel(req.llm.py_view, device_hit + honoured, device_hit + offered)
+        return honoured
 
     # ---- sliding-window pages without KV ----------------------------------------------------------
 
