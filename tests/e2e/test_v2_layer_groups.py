@@ -86,3 +86,33 @@ def test_v2_partial_honour_and_cancel_load(e2e, chat, async_load):
     check(run, baseline)
     # kvbm matched more than V2 took: the difference was cancelled, never loaded.
     assert run.stats["matched_tokens"] > run.result.num_connector_hit_tokens
+
+
+@pytest.fixture(scope="module")
+def small_chat(e2e):
+    workload = multi_turn_chat(num_conversations=8, num_turns=3, seed=7)
+    return workload, e2e.recompute(workload, swa_model(e2e))
+
+
+@pytest.mark.parametrize("with_kvbm", [True, False])
+def test_v2_pause_and_replay_under_memory_pressure(e2e, small_chat, with_kvbm):
+    """MAX_UTILIZATION: admitted with no reservation, requests are paused (request_reset) and
+    replayed when the pool runs out; the outputs are still those of a full recompute."""
+    workload, baseline = small_chat
+    model = swa_model(e2e)
+    pool = PoolConfig(num_blocks=24, tokens_per_block=e2e.tokens_per_block)
+    if not with_kvbm:
+        executor = Executor(model, pool, trtllm_version="v2", chunk_size=32)
+        assert executor.run(workload).outputs == baseline.outputs
+        assert executor.num_paused > 0
+        return
+    kvbm = {"cpu_cache_override_num_blocks": 4000}
+    executor = Executor(
+        model, pool, (KvbmConnectorLeader, KvbmConnectorWorker),
+        llm_args=e2e.llm_args(kvbm, model), trtllm_version="v2", chunk_size=32,
+    )
+    run = e2e.finish(executor, executor.run(workload))
+    assert run.result.outputs == baseline.outputs
+    assert executor.num_paused > 0
+    assert run.result.num_connector_hit_tokens > 0
+    assert run.stats["failed_transfers"] == 0

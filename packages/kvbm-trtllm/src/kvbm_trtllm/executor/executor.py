@@ -81,6 +81,7 @@ from kvbm_trtllm.executor.cuda_graphs import GraphCaptures
 from kvbm_trtllm.executor.distributed import Comm, LocalComm
 from kvbm_trtllm.executor.layer_groups import LayerGroups
 from kvbm_trtllm.executor.model import ModelConfig, ReferenceModel, SequenceChunk
+from kvbm_trtllm.executor.pausing import _Pausing
 from kvbm_trtllm.executor.pool import BlockPool, PoolConfig
 from kvbm_trtllm.executor.profiles import DEFAULT_TRTLLM_VERSION, get_profile
 from kvbm_trtllm.executor.request_state import _Request, _State
@@ -103,7 +104,7 @@ __all__ = ["Executor", "ConnectorContractError", "ConnectorSpec", "resolve_conne
 _DEFAULT_CUDA_GRAPHS = CudaGraphConfigLike()  # TorchLlmArgs: Field(default_factory=CudaGraphConfig)
 
 
-class Executor(_Scheduling, _Completion, _KvCacheManagerCalls):
+class Executor(_Scheduling, _Completion, _KvCacheManagerCalls, _Pausing):
     def __init__(
         self,
         model_config: ModelConfig,
@@ -256,6 +257,7 @@ class Executor(_Scheduling, _Completion, _KvCacheManagerCalls):
         self._pending_done: dict[int, set[int]] = {}  # id -> ranks that reported it done
         self._previous_batch: list[tuple[_Request, int | None]] | None = None
         self._iteration = 0
+        self._num_paused = 0  # V2 pauses for room (pausing.py), this run
         self._iterations: list[IterationStats] = []
         self._start = time.perf_counter()
         while len(self._finished_ids) < len(workload.requests) or self._busy():

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from kvbm_trtllm.executor.block_hash import block_hashes
@@ -47,6 +47,7 @@ class _Plan:
     scheduled: list[tuple[int, int]]  # (request id, tokens to compute)
     has_meta: bool
     connector_meta: object = None
+    paused: list[int] = field(default_factory=list)  # V2: paused for room, in this order
 
 
 class _Scheduling:
@@ -62,6 +63,9 @@ class _Scheduling:
     _num_first_blocks: Any
     _report_alloc: Any
     _honour_offer: Any
+    _admission_blocks: Any
+    _make_room: Any
+    _pause: Any
     max_num_tokens: int
     _specs: dict[int, RequestSpec]
     _not_arrived: list[RequestSpec]
@@ -81,7 +85,7 @@ class _Scheduling:
         arrived = self._arrivals()
         self._apply_arrivals(arrived)
         admitted = self._admit_waiting()
-        scheduled = self._schedule()
+        scheduled, paused = self._make_room(self._schedule())
         for rid, n in scheduled:
             self._prepare_step(self._requests[rid], n)
         has_meta = self.scheduler is not None and bool(scheduled or admitted)
@@ -93,7 +97,7 @@ class _Scheduling:
                 self._new_ids_by_group,
             )
             meta = self.scheduler.build_connector_meta(output)
-        return _Plan(arrived, admitted, scheduled, has_meta, meta)
+        return _Plan(arrived, admitted, scheduled, has_meta, meta, paused)
 
     def _apply_plan(self, plan: _Plan) -> None:
         self._apply_arrivals(plan.arrived)
@@ -104,6 +108,8 @@ class _Scheduling:
                     f"rank {self.rank} diverged: admits {req.request_id}, rank 0 {rid}"
                 )
             self._admit(req, self._device_match(req), n, is_async)
+        for rid in plan.paused:
+            self._pause(self._requests[rid])
         for rid, n in plan.scheduled:
             self._prepare_step(self._requests[rid], n)
 
@@ -156,8 +162,7 @@ class _Scheduling:
         while self._waiting and len(self._active) < self.max_batch_size:
             req = self._waiting[0]
             matched = self._device_match(req)
-            needed = self._max_blocks(req) - len(matched)
-            if self.pool.num_allocatable(matched) - self._reserved_blocks() < needed:
+            if self.pool.num_allocatable(matched) < self._admission_blocks(req, matched):
                 break
             self._waiting.popleft()
             device_hit = len(matched) * self.tokens_per_block
