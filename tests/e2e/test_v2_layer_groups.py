@@ -116,3 +116,35 @@ def test_v2_pause_and_replay_under_memory_pressure(e2e, small_chat, with_kvbm):
     assert executor.num_paused > 0
     assert run.result.num_connector_hit_tokens > 0
     assert run.stats["failed_transfers"] == 0
+
+
+def test_v2_attention_dp_two_ranks_equal_recompute(e2e):
+    """Attention DP over 2 in-process ranks: a kvbm scheduler and worker per rank, each rank
+    with its own requests and pool, get_finished local; outputs equal a full recompute."""
+    from kvbm_trtllm.executor import run_attention_dp
+
+    model = swa_model(e2e)
+    workloads = [multi_turn_chat(num_conversations=6, num_turns=3, seed=s) for s in (11, 12)]
+    baselines = [e2e.recompute(w, model) for w in workloads]
+    args = e2e.llm_args({"cpu_cache_override_num_blocks": 2000}, model)
+    results = run_attention_dp(
+        workloads, model, PoolConfig(num_blocks=GPU_BLOCKS, tokens_per_block=e2e.tokens_per_block),
+        (KvbmConnectorLeader, KvbmConnectorWorker), llm_args=args, trtllm_version="v2",
+    )
+    for result, baseline in zip(results, baselines, strict=True):
+        assert result.outputs == baseline.outputs
+        assert result.num_connector_hit_tokens > 0
+
+
+def test_attention_dp_rejects_a_connector_without_the_opt_in(e2e):
+    from kvbm_trtllm.executor import (
+        ConnectorContractError,
+        NullConnectorScheduler,
+        NullConnectorWorker,
+    )
+
+    with pytest.raises(ConnectorContractError, match="supports_attention_dp"):
+        Executor(
+            e2e.model_config(), PoolConfig(num_blocks=16, tokens_per_block=16),
+            (NullConnectorScheduler, NullConnectorWorker), attention_dp_rank=0,
+        )

@@ -56,7 +56,13 @@ from kvbm_trtllm.trtllm_api import (
     SchedulerOutput,
     current_rank,
 )
-from kvbm_trtllm.v2_connector import PRIMARY_GROUP_KEY, LayerGroupLeader, LayerGroupWorker
+from kvbm_trtllm.v2_connector import (
+    PRIMARY_GROUP_KEY,
+    LayerGroupLeader,
+    LayerGroupWorker,
+    attention_dp_rank,
+    for_attention_dp,
+)
 from kvbm_trtllm.v2_layout import primary_group_index, region_pool
 from kvbm_trtllm.worker import KvbmWorkerCore, WorkerSetup
 
@@ -73,7 +79,7 @@ __all__ = [
 def load_config(llm_args: Any) -> KvbmConfig:
     extra = getattr(llm_args, "extra", None)
     overrides = extra.get("kvbm") if isinstance(extra, dict) else None
-    return KvbmConfig.from_env(overrides=overrides)
+    return for_attention_dp(KvbmConfig.from_env(overrides=overrides), llm_args)
 
 
 def make_services(config: KvbmConfig) -> Any:
@@ -86,6 +92,8 @@ def tokens_per_block(llm_args: Any) -> int:
 
 
 def world_size(llm_args: Any) -> int:
+    if attention_dp_rank(llm_args) is not None:
+        return 1  # every attention-DP rank is a kvbm group of its own (v2_connector)
     parallel = getattr(llm_args, "parallel_config", None)
     if parallel is not None and getattr(parallel, "world_size", None):
         return int(parallel.world_size)
@@ -198,7 +206,8 @@ class KvbmConnectorWorker(LayerGroupWorker, KvCacheConnectorWorker):
         self.services = make_services(self.config)
         self.facts = model_facts(llm_args)
         self.setup = WorkerSetup(
-            rank=current_rank(), world_size=world_size(llm_args),
+            rank=0 if attention_dp_rank(llm_args) is not None else current_rank(),
+            world_size=world_size(llm_args),
             tokens_per_block=tokens_per_block(llm_args), head_dim=self.facts.head_dim,
             model_id=model_identity(llm_args, self.config.model_id),
         )

@@ -304,6 +304,7 @@ class LlmArgsLike:
     disable_overlap_scheduler: bool = False  # the overlap scheduler is TensorRT-LLM's default
     cuda_graph_config: CudaGraphConfigLike | None = field(default_factory=CudaGraphConfigLike)
     dtype: str = "auto"
+    enable_attention_dp: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property

@@ -35,19 +35,40 @@ Worker (every rank; ``LayerGroupWorker``, mixed into ``KvbmConnectorWorker``):
 Attention DP: both classes declare ``supports_attention_dp = True``. Under ADP every rank runs a
 scheduler and a worker over its own requests and its own KV (DOC); kvbm's key never contains the
 rank (model identity, block size, full prefix, LoRA and cache salt only), so ranks share hits.
+Each ADP rank is its own kvbm group of one rank (``for_attention_dp``): a leader and a worker
+in namespace ``<namespace>-adp<rank>``, with its own host tier; nothing waits on another rank.
+The rank is ``llm_args.extra["attention_dp_rank"]`` where an engine passes it (the reference
+executor's in-process ranks), else TensorRT-LLM's MPI rank.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
+from kvbm_core.config import KvbmConfig
 from kvbm_core.manager import IterationPlan
 from kvbm_core.regions import RegionPool
+from kvbm_trtllm.trtllm_api import current_rank
 
-__all__ = ["PRIMARY_GROUP_KEY", "LayerGroupPlan", "LayerGroupPages", "LayerGroupLeader", "LayerGroupWorker"]
+__all__ = ["attention_dp_rank", "for_attention_dp", "PRIMARY_GROUP_KEY", "LayerGroupPlan", "LayerGroupPages", "LayerGroupLeader", "LayerGroupWorker"]
 
 PRIMARY_GROUP_KEY = "kv_primary_layer_group"
+
+
+def attention_dp_rank(llm_args: Any) -> int | None:
+    """This process's attention-DP rank, or ``None`` when attention DP is off."""
+    if not getattr(llm_args, "enable_attention_dp", False):
+        return None
+    extra = getattr(llm_args, "extra", None)
+    given = extra.get("attention_dp_rank") if isinstance(extra, dict) else None
+    return int(given) if given is not None else current_rank()
+
+
+def for_attention_dp(config: KvbmConfig, llm_args: Any) -> KvbmConfig:
+    """The config of this ADP rank's own kvbm group (unchanged without attention DP)."""
+    rank = attention_dp_rank(llm_args)
+    return config if rank is None else replace(config, namespace=f"{config.namespace}-adp{rank}")
 
 
 @dataclass

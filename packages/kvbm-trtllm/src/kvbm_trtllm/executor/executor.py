@@ -69,6 +69,7 @@ from typing import Any
 
 import torch
 
+from kvbm_trtllm.executor.attention_dp import check_attention_dp
 from kvbm_trtllm.executor.block_hash import block_hashes
 from kvbm_trtllm.executor.completion import _Completion
 from kvbm_trtllm.executor.connector import (
@@ -122,6 +123,7 @@ class Executor(_Scheduling, _Completion, _KvCacheManagerCalls, _Pausing):
         device: str | None = None,
         max_iterations: int = 1_000_000,
         honour_offer: Callable[[int, int], int] | None = None,
+        attention_dp_rank: int | None = None,
     ):
         if chunk_size is not None and chunk_size <= 0:
             raise ValueError(f"chunk_size must be positive or None, got {chunk_size}")
@@ -138,7 +140,10 @@ class Executor(_Scheduling, _Completion, _KvCacheManagerCalls, _Pausing):
         self.comm = comm or LocalComm()
         self.rank = self.comm.rank
         self.tp_size = self.comm.world_size
+        self.attention_dp_rank = attention_dp_rank  # attention_dp.py
         self.llm_args = self._llm_args(llm_args, connector, cuda_graph_config)
+        if attention_dp_rank is not None and connector is not None:
+            check_attention_dp(resolve_connector(connector))
         self.scheduler, self.worker = build_connector(connector, self.llm_args, self.rank)
         self._forward_callable: Callable[[], Any] | None = None
         if self.worker is not None:
@@ -216,10 +221,14 @@ class Executor(_Scheduling, _Completion, _KvCacheManagerCalls, _Pausing):
             "num_kv_heads": c.num_kv_heads,
             "dtype": c.dtype,
         }
+        if self.attention_dp_rank is not None:
+            # TensorRT-LLM's ranks tell theirs through MPI; in-process ranks through extra.
+            model_facts["attention_dp_rank"] = self.attention_dp_rank
         return replace(
             args,
             disable_overlap_scheduler=not self.overlap,
             cuda_graph_config=cuda_graph_config,
+            enable_attention_dp=args.enable_attention_dp or self.attention_dp_rank is not None,
             extra={**model_facts, **args.extra},
         )
 

@@ -63,6 +63,7 @@ class _Scheduling:
     _num_first_blocks: Any
     _report_alloc: Any
     _honour_offer: Any
+    attention_dp_rank: int | None
     _admission_blocks: Any
     _make_room: Any
     _pause: Any
@@ -96,6 +97,8 @@ class _Scheduling:
                 scheduled, self._requests, admitted_now, self.profile, self.tokens_per_block,
                 self._new_ids_by_group,
             )
+            if self.attention_dp_rank is not None:
+                output.attention_dp_rank = self.attention_dp_rank
             meta = self.scheduler.build_connector_meta(output)
         return _Plan(arrived, admitted, scheduled, has_meta, meta, paused)
 
