@@ -10,7 +10,11 @@ cuda_graph_config=CudaGraphConfigLike(), chunk_size=None, ...)``. ``trtllm_versi
 profile (``profiles.py``): ``"1.2"`` (five-field ``RequestData``), ``"main"`` (the default:
 newest main with the V1 KV cache manager; ``RequestData`` with ``block_hashes``, ``priorities``,
 ``cache_salt``, ``new_block_ids_by_layer_group``) or ``"main+load-errors"`` (main plus the closed
-PR #15425's load-error API). Defaults are TensorRT-LLM's: the overlap scheduler on
+PR #15425's load-error API) or ``"v2"`` (KVCacheManagerV2: layouts, layer groups, per-chunk
+allocation, pause and replay; ``v2.py``, ``pausing.py``, ``layer_groups.py``; with
+``honour_offer`` for partial honour and ``attention_dp_rank`` for attention DP,
+``attention_dp.py``). "main" stays the default: V2's per-chunk allocation and empty block hashes
+change what many existing tests assert. Defaults are TensorRT-LLM's: the overlap scheduler on
 (``disable_overlap_scheduler=False``), CUDA graphs for generation-only batches on
 (``cuda_graph_config`` defaults to ``CudaGraphConfig()``), block reuse on. ``overlap=False`` and
 ``cuda_graph_config=None`` turn them off.

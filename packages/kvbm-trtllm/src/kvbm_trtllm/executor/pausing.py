@@ -8,7 +8,8 @@ blocks the youngest running request is paused and later replayed. Operations:
   the reserved blocks of running requests (V1, GUARANTEED_NO_EVICT), the prompt (V2).
 - ``_make_room(scheduled) -> (scheduled, paused_ids)`` (rank 0, V2): while the scheduled steps
   need more fresh blocks than the pool has, pause the youngest running request (context or
-  generation; a parked load is never paused) and drop it from the batch.
+  generation; a parked load is never paused) and drop it from the batch; with one running
+  request left (parked loads hold the rest), the last steps wait instead.
 - ``_pause(req)`` (every rank, in the plan's order): ``request_reset(request)`` on the
   scheduler (DOC: "fires on V2 free_resources rollback or replay"), the request's blocks
   released (its full computed blocks stay matchable, as V2's radix tree keeps them), its
@@ -67,10 +68,8 @@ class _Pausing:
                 return scheduled, paused
             victims = [r for r in self._active if r.state in (_State.CONTEXT, _State.GENERATION)]
             if len(victims) <= 1:
-                raise RuntimeError(
-                    f"the pool's {self.pool.num_blocks} blocks cannot hold the one running request; "
-                    "raise PoolConfig.num_blocks"
-                )
+                # Parked loads hold the rest: the steps that do not fit wait for them.
+                return scheduled[:-1], paused
             victim = victims[-1]
             self._pause(victim)
             paused.append(victim.request_id)
