@@ -8,13 +8,17 @@ measured in the same run (the ceiling). Also times pinning the host buffer.
 Layouts: ``fc`` is a fully contiguous pool (a block is one run); ``ls`` is a layer-separate
 pool of ``--layers`` separately allocated layer tensors (a block is ``--layers`` pieces, one
 kernel per layer); ``ls-carved`` has the layer tensors carved from one buffer (one kernel for
-all layers). A layer-separate pool moves with one Triton kernel per staging buffer where
+all layers). ``v2`` is a KVCacheManagerV2 layout (``kvbm_core.regions.RegionPool``): two layer
+groups of ``--layers / 2`` layers each, one page region per group, the second group's pages a
+random permutation of the first's (as a sliding-window group's are), moved with one
+``index_select`` / ``index_copy_`` per region (``--layout v2`` runs only it). A layer-separate pool moves with one Triton kernel per staging buffer where
 Triton is installed (one torch kernel per layer otherwise). Jobs hold ``--blocks-per-job`` blocks in random GPU order; host slots are
 consecutive within a job (``scattered`` columns: every slot random, which the handlers move
 with a zero-copy kernel where Triton and the driver allow it).
 
     python benchmarks/bench_cpu_tier.py --out results.json            # GPU
     python benchmarks/bench_cpu_tier.py --quick --out smoke.json       # CPU smoke test
+    python benchmarks/bench_cpu_tier.py --layout v2 --sizes 128K,1M,2M,4M --out v2.json
 
 Prints a table and writes JSON (``--out``).
 """
@@ -33,6 +37,7 @@ import numpy as np
 import torch
 
 from kvbm_core import DevicePool, KvLayout, LayoutKind, TransferJob
+from kvbm_core.regions import PageRegion, RegionPool, block_layout
 from kvbm_tiers_cpu import (
     DEFAULT_STAGING_BYTES,
     GpuToHostHandler,
@@ -150,6 +155,19 @@ def make_layout(kind: str, block_bytes: int, num_layers: int) -> KvLayout:
     return layout
 
 
+def make_region_pool(block_bytes: int, num_layers: int, num_blocks: int, device: torch.device, rng) -> RegionPool:
+    """Two layer groups of half the layers each; group 1's pages a permutation of group 0's."""
+    half = block_bytes // 2
+    regions = []
+    for group in range(2):
+        tensor = torch.empty((num_blocks, half), dtype=torch.uint8, device=device)
+        tensor.random_(0, 256)
+        regions.append(PageRegion(group, group * half, half, tensor))
+    pool = RegionPool(regions, block_layout(16, block_bytes), [num_blocks, num_blocks], device)
+    pool.set_pages(list(range(num_blocks)), [[int(p) for p in rng.permutation(num_blocks)]])
+    return pool
+
+
 def make_pool(kind: str, layout: KvLayout, num_blocks: int, device: torch.device) -> DevicePool:
     inner, layers = layout.elements_per_region, layout.num_layers
     if kind == "fc":
@@ -222,6 +240,8 @@ def run_size(args, device, block_bytes: int, rng) -> list[Row]:
 
 def kernel_name(handler) -> str:
     pool = handler._pool  # the benchmark reports which gather/scatter path ran
+    if not hasattr(pool, "blocks"):
+        return "regions"
     if pool.blocks is not None:
         return "strided"
     return "triton" if pool.has_triton else "per-layer"
@@ -230,8 +250,12 @@ def kernel_name(handler) -> str:
 def measure_layout(args, device, kind: str, host: PinnedHostStorage, num_blocks: int, rng) -> Row:
     """Offload, onboard and both at once for ``num_blocks`` blocks of one pool layout."""
     block_bytes = host.layout.bytes_per_block
-    layout = make_layout(kind, block_bytes, args.layers)
-    pool = make_pool(kind, layout, 2 * num_blocks, device)
+    if kind == "v2":
+        layout = make_layout("ls", block_bytes, 2)  # two pieces: one per layer group
+        pool: DevicePool | RegionPool = make_region_pool(block_bytes, args.layers, 2 * num_blocks, device, rng)
+    else:
+        layout = make_layout(kind, block_bytes, args.layers)
+        pool = make_pool(kind, layout, 2 * num_blocks, device)
     offload = GpuToHostHandler(pool, host, staging_bytes=args.staging_mib * MIB)
     onboard = HostToGpuHandler(pool, host, staging_bytes=args.staging_mib * MIB)
     maker = JobMaker()
@@ -312,7 +336,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small sizes; runs on the CPU too")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
     parser.add_argument("--sizes", default="128K,512K,1M,2M,4M,8M")
-    parser.add_argument("--layouts", default="fc,ls,ls-carved")
+    parser.add_argument("--layouts", default="fc,ls,ls-carved", help="fc, ls, ls-carved, v2")
+    parser.add_argument("--layout", default=None, help="one layout only (e.g. v2); overrides --layouts")
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--total-mib", type=int, default=2048, help="bytes moved per measurement")
     parser.add_argument("--blocks-per-job", type=int, default=128)
@@ -326,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.sizes, args.layers, args.total_mib, args.ceiling_mib = "128K,1M", 8, 32, 64
         args.repeats, args.pin_gib, args.blocks_per_job = 1, 0.0, 16
-    args.layouts = args.layouts.split(",")
+    args.layouts = [args.layout] if args.layout else args.layouts.split(",")
     rng = np.random.default_rng(0)
     ceiling = measure_ceiling(device, args.ceiling_mib * MIB, args.repeats)
     pinning = measure_pinning(int(args.pin_gib * GIB)) if device.type == "cuda" and args.pin_gib else {}

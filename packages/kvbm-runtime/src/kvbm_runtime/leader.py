@@ -90,6 +90,7 @@ class KvbmLeaderCore:
         self._restored: dict[str, dict[int, dict[int, int]]] = {}
         self._specs: dict[str, TierSpec] = {}
         self._rewinds: dict[int, Callable[[int], None]] = {}
+        self.worker_metadata: dict[str, str] = {}  # rank 0's InstanceInfo.metadata, once ready
         self.lock = threading.RLock()
         self._is_closed = threading.Event()
 
@@ -122,6 +123,7 @@ class KvbmLeaderCore:
     def _build_manager(self) -> BlockManager:
         peers = self.services.discovery.wait_for_peers(self.world_size)
         workers = [info for info in peers if info.role == WORKER]
+        self.worker_metadata = dict(workers[0].metadata) if workers else {}
         bytes_per_block = sum(info.bytes_per_block for info in workers)
         sizes = self._tier_sizes(bytes_per_block)
         for info in workers:  # per rank: acknowledged delivery (broadcast is best effort)

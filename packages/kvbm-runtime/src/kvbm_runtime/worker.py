@@ -167,18 +167,27 @@ class KvbmWorkerCore:
 
     # ---- start-up --------------------------------------------------------------------------
 
-    def register_kv_caches(self, tensors: Sequence[Any], layout: KvLayout) -> None:
+    def register_kv_caches(
+        self,
+        tensors: Sequence[Any],
+        layout: KvLayout,
+        pool: Storage | None = None,
+        metadata: dict[str, str] | None = None,
+    ) -> None:
+        """``pool``: the GPU storage when it is not ``tensors`` (a V2 ``RegionPool``, whose
+        device is ``pool.device``); ``metadata``: more facts announced to the leader."""
         self.layout = layout
         # Tiers pin host memory only for a GPU pool: the device comes from the pool itself.
-        self.setup = replace(self.setup, device=str(getattr(tensors[0], "device", "cpu")))
-        self.storages[GPU] = DevicePool(tensors, layout)
+        device = getattr(pool, "device", None) if pool is not None else getattr(tensors[0], "device", "cpu")
+        self.setup = replace(self.setup, device=str(device))
+        self.storages[GPU] = pool if pool is not None else DevicePool(tensors, layout)
         info = InstanceInfo(
             role=WORKER,
             rank=self.setup.rank,
             world_size=self.setup.world_size,
             bytes_per_block=layout.bytes_per_block,
             layout=layout,
-            metadata={"num_gpu_blocks": str(self.storages[GPU].num_slots)},
+            metadata={"num_gpu_blocks": str(self.storages[GPU].num_slots), **(metadata or {})},
         )
         self._registration = self.services.discovery.register(info)
         sizes = self._wait_for(TierSizes, "the leader's tier sizes (TierSizes)")

@@ -59,6 +59,14 @@ class PoolAccess:
         except Exception as exc:  # noqa: BLE001 - the first launch compiles instead
             logger.warning("cpu tier: Triton kernel warm-up failed (%s); compiling on first use", exc)
 
+    def find_error(self, job_id: int, gpu_ids: np.ndarray, is_onboard: bool) -> str | None:
+        """Every block of a pool tensor has all its pieces: nothing to refuse here."""
+        return None
+
+    def chunk_ids(self, block_ids: torch.Tensor, gpu_ids: np.ndarray, lane: object) -> torch.Tensor:
+        """The ids the kernels index with: the block ids themselves (see ``RegionAccess``)."""
+        return block_ids
+
     @property
     def has_triton(self) -> bool:
         return self.piece_ptrs is not None

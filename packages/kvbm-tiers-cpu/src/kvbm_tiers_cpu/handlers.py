@@ -34,10 +34,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from kvbm_core.regions import RegionPool
 from kvbm_core.transfer import CPU, GPU, DevicePool, JobResult, TransferHandler, TransferJob
 from kvbm_tiers_cpu import _triton
 from kvbm_tiers_cpu._device import Lane, upload_ids
 from kvbm_tiers_cpu._pool import PoolAccess
+from kvbm_tiers_cpu._regions import RegionAccess
 from kvbm_tiers_cpu.storage import PinnedHostStorage
 
 __all__ = ["DEFAULT_STAGING_BYTES", "GpuToHostHandler", "HostToGpuHandler", "host_runs"]
@@ -78,7 +80,7 @@ class _BlockCopyHandler(TransferHandler):
 
     def __init__(
         self,
-        pool: DevicePool,
+        pool: DevicePool | RegionPool,
         host: PinnedHostStorage,
         *,
         staging_bytes: int = DEFAULT_STAGING_BYTES,
@@ -89,7 +91,10 @@ class _BlockCopyHandler(TransferHandler):
                 f"GPU pool blocks are {pool.layout.bytes_per_block} bytes but cpu tier slots are "
                 f"{host.layout.bytes_per_block}; build the cpu tier from the pool's layout"
             )
-        self._pool = PoolAccess(pool)
+        # A KVCacheManagerV2 engine hands page regions, not one pool tensor (kvbm_core.regions).
+        self._pool: PoolAccess | RegionAccess = (
+            RegionAccess(pool) if isinstance(pool, RegionPool) else PoolAccess(pool)
+        )
         self._host = host
         self._bytes_per_block = host.layout.bytes_per_block
         self._slots_per_range = host.pin_ranges[0][1] - host.pin_ranges[0][0]
@@ -204,6 +209,9 @@ class _BlockCopyHandler(TransferHandler):
             bad = ids[(ids < 0) | (ids >= limit)]
             if bad.size:
                 return f"job {job.job_id}: {name} {int(bad[0])} is out of range 0..{limit - 1}"
+        page_error = self._pool.find_error(job.job_id, gpu_ids, self._is_onboard)
+        if page_error is not None:
+            return page_error
         dst_name, dst_ids = ("gpu block", gpu_ids) if self._is_onboard else ("cpu slot", host_ids)
         unique, counts = np.unique(dst_ids, return_counts=True)
         if unique.size != dst_ids.size:
@@ -253,7 +261,8 @@ class _BlockCopyHandler(TransferHandler):
             for start in range(0, num_blocks, self.rows_per_buffer):
                 stop = min(start + self.rows_per_buffer, num_blocks)
                 device_slots = device_ids[num_blocks + start : num_blocks + stop] if self.is_zero_copy_enabled else None
-                self._launch_chunk(device_ids[start:stop], host_ids[start:stop], device_slots)
+                block_ids = self._pool.chunk_ids(device_ids[start:stop], gpu_ids[start:stop], self._kernel_lane)
+                self._launch_chunk(block_ids, host_ids[start:stop], device_slots)
                 num_ended = int(np.searchsorted(job_ends, stop, side="right"))
                 if num_ended > num_recorded:
                     self._in_flight.append((second.record(), owed[num_recorded:num_ended]))
@@ -262,7 +271,7 @@ class _BlockCopyHandler(TransferHandler):
             error = _describe(exc)
             self._done.extend(JobResult(job_id, False, error=error) for job_id, _ in owed[num_recorded:])
 
-    def _launch_chunk(self, block_ids: torch.Tensor, slot_ids: np.ndarray, device_slots: torch.Tensor | None) -> None:
+    def _launch_chunk(self, block_ids: Any, slot_ids: np.ndarray, device_slots: torch.Tensor | None) -> None:
         runs = host_runs(slot_ids, self._slots_per_range)
         if device_slots is not None and _is_fragmented(runs, slot_ids.size * self._bytes_per_block):
             self._launch_zero_copy(block_ids, device_slots)
@@ -300,10 +309,10 @@ class _BlockCopyHandler(TransferHandler):
             else:
                 staged.copy_(host, non_blocking=True)
 
-    def _first_step(self, block_ids: torch.Tensor, runs: list[tuple[int, int, int]], rows: torch.Tensor) -> None:
+    def _first_step(self, block_ids: Any, runs: list[tuple[int, int, int]], rows: torch.Tensor) -> None:
         raise NotImplementedError
 
-    def _second_step(self, block_ids: torch.Tensor, runs: list[tuple[int, int, int]], rows: torch.Tensor) -> None:
+    def _second_step(self, block_ids: Any, runs: list[tuple[int, int, int]], rows: torch.Tensor) -> None:
         raise NotImplementedError
 
 
@@ -314,10 +323,10 @@ class GpuToHostHandler(_BlockCopyHandler):
     dst_medium = CPU
     _is_onboard = False
 
-    def _first_step(self, block_ids: torch.Tensor, runs: list[tuple[int, int, int]], rows: torch.Tensor) -> None:
+    def _first_step(self, block_ids: Any, runs: list[tuple[int, int, int]], rows: torch.Tensor) -> None:
         self._pool.gather(block_ids, rows)
 
-    def _second_step(self, block_ids: torch.Tensor, runs: list[tuple[int, int, int]], rows: torch.Tensor) -> None:
+    def _second_step(self, block_ids: Any, runs: list[tuple[int, int, int]], rows: torch.Tensor) -> None:
         self._copy_runs(runs, rows, to_host=True)
 
 
@@ -328,10 +337,10 @@ class HostToGpuHandler(_BlockCopyHandler):
     dst_medium = GPU
     _is_onboard = True
 
-    def _first_step(self, block_ids: torch.Tensor, runs: list[tuple[int, int, int]], rows: torch.Tensor) -> None:
+    def _first_step(self, block_ids: Any, runs: list[tuple[int, int, int]], rows: torch.Tensor) -> None:
         self._copy_runs(runs, rows, to_host=False)
 
-    def _second_step(self, block_ids: torch.Tensor, runs: list[tuple[int, int, int]], rows: torch.Tensor) -> None:
+    def _second_step(self, block_ids: Any, runs: list[tuple[int, int, int]], rows: torch.Tensor) -> None:
         self._pool.scatter(block_ids, rows)
 
 

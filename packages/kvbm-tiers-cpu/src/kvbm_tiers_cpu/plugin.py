@@ -24,6 +24,7 @@ from typing import Any
 import kvbm_core
 from kvbm_core.config import KvbmConfig
 from kvbm_core.plugins import TierContext, TierSpec
+from kvbm_core.regions import RegionPool
 from kvbm_core.tier_options import TierOption, auto_flag, flag, positive_int, read_tier_options
 from kvbm_core.transfer import CPU, GPU, DevicePool, Storage, TransferHandler
 from kvbm_tiers_cpu.handlers import DEFAULT_STAGING_BYTES, GpuToHostHandler, HostToGpuHandler
@@ -79,8 +80,10 @@ def make_storage(ctx: TierContext) -> PinnedHostStorage:
 
 def make_handlers(storages: Mapping[str, Storage], ctx: TierContext) -> list[TransferHandler]:
     pool, host = storages[GPU], storages[CPU]
-    if not isinstance(pool, DevicePool):
-        raise TypeError(f"storages['gpu'] must be a kvbm_core.DevicePool, got {type(pool).__name__}")
+    if not isinstance(pool, DevicePool | RegionPool):
+        raise TypeError(
+            f"storages['gpu'] must be a kvbm_core DevicePool or RegionPool, got {type(pool).__name__}"
+        )
     if not isinstance(host, PinnedHostStorage):
         raise TypeError(
             f"storages['cpu'] must be the cpu tier's PinnedHostStorage, got {type(host).__name__}"

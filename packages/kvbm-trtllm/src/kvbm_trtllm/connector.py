@@ -59,6 +59,14 @@ from kvbm_trtllm.trtllm_api import (
     SchedulerOutput,
     current_rank,
 )
+from kvbm_trtllm.v2_connector import (
+    PRIMARY_GROUP_KEY,
+    LayerGroupLeader,
+    LayerGroupWorker,
+    attention_dp_rank,
+    for_attention_dp,
+)
+from kvbm_trtllm.v2_layout import primary_group_index, region_pool
 
 log = logging.getLogger("kvbm.connector")
 
@@ -73,7 +81,7 @@ __all__ = [
 def load_config(llm_args: Any) -> KvbmConfig:
     extra = getattr(llm_args, "extra", None)
     overrides = extra.get("kvbm") if isinstance(extra, dict) else None
-    return KvbmConfig.from_env(overrides=overrides)
+    return for_attention_dp(KvbmConfig.from_env(overrides=overrides), llm_args)
 
 
 def make_services(config: KvbmConfig) -> Any:
@@ -87,6 +95,8 @@ def tokens_per_block(llm_args: Any) -> int:
 
 
 def world_size(llm_args: Any) -> int:
+    if attention_dp_rank(llm_args) is not None:
+        return 1  # every attention-DP rank is a kvbm group of its own (v2_connector)
     parallel = getattr(llm_args, "parallel_config", None)
     if parallel is not None and getattr(parallel, "world_size", None):
         return int(parallel.world_size)
@@ -107,7 +117,7 @@ def _check_supported(llm_args: Any) -> None:
         )
 
 
-class KvbmConnectorLeader(KvCacheConnectorScheduler):
+class KvbmConnectorLeader(LayerGroupLeader, KvCacheConnectorScheduler):
     def __init__(self, llm_args: Any):
         super().__init__(llm_args)
         _check_supported(llm_args)
@@ -144,6 +154,7 @@ class KvbmConnectorLeader(KvCacheConnectorScheduler):
             if salt is None or _flag(request, "is_generation_only_request"):
                 return 0, False
             tokens = list(request.get_tokens(0))[: int(request.prompt_len)]
+            self.note_device_hit(int(request.request_id), int(num_computed_tokens))
             match = manager.lookup(
                 int(request.request_id), tokens, int(num_computed_tokens), salt,
                 is_sync_load=not self.config.async_load,
@@ -167,15 +178,15 @@ class KvbmConnectorLeader(KvCacheConnectorScheduler):
                 request = self._allocated.pop(data.request_id, _NoIdentity)
                 salt = self.salts.salt_for(request, getattr(data, "cache_salt", None))
                 manager.schedule(
-                    data.request_id, data.new_tokens, data.new_block_ids, data.computed_position,
-                    data.num_scheduled_tokens, is_new=True, salt=salt,
+                    data.request_id, data.new_tokens, self.block_ids_of(data),
+                    data.computed_position, data.num_scheduled_tokens, is_new=True, salt=salt,
                 )
             for data in scheduler_output.cached_requests:
                 manager.schedule(
-                    data.request_id, data.new_tokens, data.new_block_ids, data.computed_position,
-                    data.num_scheduled_tokens,
+                    data.request_id, data.new_tokens, self.block_ids_of(data),
+                    data.computed_position, data.num_scheduled_tokens,
                 )
-            return manager.build_plan()
+            return self.wrap_plan(manager.build_plan())
 
     def request_finished(self, request: Any, cache_block_ids: list[int]) -> bool:
         with self.core.lock:
@@ -191,7 +202,7 @@ class KvbmConnectorLeader(KvCacheConnectorScheduler):
         self.services.close()
 
 
-class KvbmConnectorWorker(KvCacheConnectorWorker):
+class KvbmConnectorWorker(LayerGroupWorker, KvCacheConnectorWorker):
     def __init__(self, llm_args: Any):
         super().__init__(llm_args)
         _check_supported(llm_args)
@@ -199,7 +210,8 @@ class KvbmConnectorWorker(KvCacheConnectorWorker):
         self.services = make_services(self.config)
         self.facts = model_facts(llm_args)
         self.setup = WorkerSetup(
-            rank=current_rank(), world_size=world_size(llm_args),
+            rank=0 if attention_dp_rank(llm_args) is not None else current_rank(),
+            world_size=world_size(llm_args),
             tokens_per_block=tokens_per_block(llm_args), head_dim=self.facts.head_dim,
             model_id=model_identity(llm_args, self.config.model_id),
         )
@@ -213,6 +225,18 @@ class KvbmConnectorWorker(KvCacheConnectorWorker):
             kv_cache_tensor, self.setup.tokens_per_block, self.facts, self.setup.world_size
         )
         self.core.register_kv_caches([kv_cache_tensor], layout)
+        self._announce_persisted()
+
+    def register_kv_cache_layout(self, layout: Any) -> None:
+        """KVCacheManagerV2: page regions per layer group (``v2_layout``), in place of a pool."""
+        pool = region_pool(layout)
+        self.region_pool = pool
+        self._is_cuda = getattr(pool.device, "type", str(pool.device)) == "cuda"
+        metadata = {PRIMARY_GROUP_KEY: str(primary_group_index(layout))}
+        self.core.register_kv_caches([], pool.layout, pool=pool, metadata=metadata)
+        self._announce_persisted()
+
+    def _announce_persisted(self) -> None:
         for tier, blocks in self.core.persisted_blocks().items():
             self.services.control.send_to_leader(StoredBlocks(self.setup.rank, tier, blocks))
 
@@ -240,7 +264,7 @@ class KvbmConnectorWorker(KvCacheConnectorWorker):
             raise KvbmLoadError(error)
 
     def start_load_kv(self, stream: Any) -> None:
-        plan = self.get_connector_meta()
+        plan = self.apply_pages(self.get_connector_meta())
         iteration = getattr(plan, "iteration", None)
         if plan is None or iteration == self._last_iteration:
             return  # nothing bound, or the same plan bound again on an idle iteration

@@ -50,6 +50,7 @@ __all__ = [
     "LlmRequestLike",
     "current_rank",
     "current_world_size",
+    "register_single_pool",
 ]
 
 
@@ -103,9 +104,12 @@ if TYPE_CHECKING or _real is None:
 
         new_requests: list[RequestData] = field(default_factory=list)
         cached_requests: list[RequestData] = field(default_factory=list)
+        attention_dp_rank: int | None = None
 
     class KvCacheConnectorWorker(ABC):
         """Data plane: one per rank. Mirrors TensorRT-LLM's abstract worker."""
+
+        supports_attention_dp: bool = False
 
         def __init__(self, llm_args: Any):
             self._llm_args = llm_args
@@ -126,6 +130,10 @@ if TYPE_CHECKING or _real is None:
         @abstractmethod
         def register_kv_caches(self, kv_cache_tensor: Any) -> None: ...
 
+        def register_kv_cache_layout(self, layout: Any) -> None:
+            """KVCacheManagerV2's registration; the default forwards a one-pool cache."""
+            register_single_pool(self, layout)
+
         @abstractmethod
         def start_load_kv(self, stream: Any) -> None: ...
 
@@ -144,10 +152,36 @@ if TYPE_CHECKING or _real is None:
         ) -> tuple[list[int], list[int]]: ...
 
     class KvCacheConnectorScheduler(ABC):
-        """Control plane: rank 0 only. Mirrors TensorRT-LLM's abstract scheduler."""
+        """Control plane: rank 0 only (every rank under attention DP). Mirrors TensorRT-LLM's
+        abstract scheduler, with main's concrete per-layer-group and V2-only methods."""
+
+        supports_attention_dp: bool = False
 
         def __init__(self, llm_args: Any):
             self._llm_args = llm_args
+
+        def update_state_after_alloc_by_layer_group(
+            self, request: Any, block_ids_by_layer_group: list[list[int]]
+        ) -> None:
+            self.update_state_after_alloc(request, _only_group(block_ids_by_layer_group))
+
+        def request_finished_by_layer_group(
+            self, request: Any, cache_block_ids_by_layer_group: list[list[int]]
+        ) -> bool:
+            return self.request_finished(request, _only_group(cache_block_ids_by_layer_group))
+
+        # The flat-only defaults, which TensorRT-LLM refuses with several layer groups.
+        update_state_after_alloc_by_layer_group._is_flat_default = True  # type: ignore[attr-defined]
+        request_finished_by_layer_group._is_flat_default = True  # type: ignore[attr-defined]
+
+        def request_reset(self, request: Any) -> None:  # noqa: B027 - optional hook
+            """KVCacheManagerV2 rolled the request back (pause, replay); default: nothing."""
+
+        def cancel_load(self, request: Any, start: int, end: int) -> None:  # noqa: B027
+            """KVCacheManagerV2 will not use offered tokens ``[start, end)``; default: nothing."""
+
+        def wait_for_initialization(self) -> None:  # noqa: B027 - optional hook
+            """Called once before the first request; default: nothing."""
 
         @abstractmethod
         def build_connector_meta(self, scheduler_output: SchedulerOutput) -> object: ...
@@ -165,6 +199,28 @@ if TYPE_CHECKING or _real is None:
 
 else:
     KvCacheConnectorScheduler, KvCacheConnectorWorker, SchedulerOutput, RequestData = _real
+
+
+def _only_group(lists: list[list[int]]) -> list[int]:
+    if len(lists) != 1:
+        raise NotImplementedError(
+            f"this connector implements only the flat callbacks but the KV cache has {len(lists)} "
+            "layer groups; implement the *_by_layer_group methods"
+        )
+    return list(lists[0])
+
+
+def register_single_pool(worker: Any, layout: Any) -> None:
+    """``register_kv_caches`` with the one pool tensor a one-group, one-region layout views."""
+    groups = layout.groups
+    if len(groups) != 1 or len(groups[0].regions) != 1:
+        raise NotImplementedError(
+            f"the KV cache layout has {len(groups)} layer group(s) and is not one pool tensor; "
+            f"{type(worker).__name__} must implement register_kv_cache_layout"
+        )
+    region = groups[0].regions[0]
+    owner = getattr(region, "owner", None)
+    worker.register_kv_caches(owner if owner is not None else region.as_tensor())
 
 
 @dataclass
@@ -248,6 +304,7 @@ class LlmArgsLike:
     disable_overlap_scheduler: bool = False  # the overlap scheduler is TensorRT-LLM's default
     cuda_graph_config: CudaGraphConfigLike | None = field(default_factory=CudaGraphConfigLike)
     dtype: str = "auto"
+    enable_attention_dp: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property

@@ -10,10 +10,12 @@ calls a KV cache connector exactly as PyExecutor does (see ``executor.py``). Use
     )
 
 ``trtllm_version`` picks the TensorRT-LLM version imitated (``PROFILES``: "1.2", "main" -- the
-default --, "main+load-errors"); ``CppLlmRequest`` / ``PyLlmRequest`` are the two request views
+default --, "main+load-errors", "v2" -- KVCacheManagerV2 --); ``run_attention_dp`` runs
+attention-DP ranks in-process; ``CppLlmRequest`` / ``PyLlmRequest`` are the two request views
 a connector receives.
 """
 
+from kvbm_trtllm.executor.attention_dp import run_attention_dp
 from kvbm_trtllm.executor.connector import (
     ConnectorContractError,
     ConnectorSpec,
@@ -65,6 +67,7 @@ __all__ = [
     "RequestResult",
     "IterationStats",
     "run_tp",
+    "run_attention_dp",
     "RequestSpec",
     "Workload",
     "multi_turn_chat",

@@ -58,6 +58,7 @@ class _Completion:
     _new_saving_ids: list[int]
     _new_loading_ids: list[int]
     _pending_done: dict[int, set[int]]
+    _report_finished: Any  # _KvCacheManagerCalls's
     _iteration: int
     _start: float
 
@@ -66,12 +67,7 @@ class _Completion:
     def _finish_requests(self, finished: list[_Request]) -> None:
         if not finished:
             return
-        holds = [False] * len(finished)
-        if self.scheduler is not None:
-            holds = [
-                bool(self.scheduler.request_finished(req.llm.py_view, list(req.block_ids)))
-                for req in finished
-            ]
+        holds = [self._report_finished(req) for req in finished]
         if self.worker is not None and self.tp_size > 1:
             holds = self.comm.broadcast_object(holds)
         for req, hold in zip(finished, holds, strict=True):
@@ -85,7 +81,7 @@ class _Completion:
                 self._free(req)
 
     def _commit_blocks(self, req: _Request) -> None:
-        raise NotImplementedError  # Executor's
+        raise NotImplementedError  # Executor's'
 
     def _mark_finished(self, req: _Request) -> None:
         req.finish_s = time.perf_counter() - self._start

@@ -10,7 +10,11 @@ cuda_graph_config=CudaGraphConfigLike(), chunk_size=None, ...)``. ``trtllm_versi
 profile (``profiles.py``): ``"1.2"`` (five-field ``RequestData``), ``"main"`` (the default:
 newest main with the V1 KV cache manager; ``RequestData`` with ``block_hashes``, ``priorities``,
 ``cache_salt``, ``new_block_ids_by_layer_group``) or ``"main+load-errors"`` (main plus the closed
-PR #15425's load-error API). Defaults are TensorRT-LLM's: the overlap scheduler on
+PR #15425's load-error API) or ``"v2"`` (KVCacheManagerV2: layouts, layer groups, per-chunk
+allocation, pause and replay; ``v2.py``, ``pausing.py``, ``layer_groups.py``; with
+``honour_offer`` for partial honour and ``attention_dp_rank`` for attention DP,
+``attention_dp.py``). "main" stays the default: V2's per-chunk allocation and empty block hashes
+change what many existing tests assert. Defaults are TensorRT-LLM's: the overlap scheduler on
 (``disable_overlap_scheduler=False``), CUDA graphs for generation-only batches on
 (``cuda_graph_config`` defaults to ``CudaGraphConfig()``), block reuse on. ``overlap=False`` and
 ``cuda_graph_config=None`` turn them off.
@@ -69,6 +73,7 @@ from typing import Any
 
 import torch
 
+from kvbm_trtllm.executor.attention_dp import check_attention_dp
 from kvbm_trtllm.executor.block_hash import block_hashes
 from kvbm_trtllm.executor.completion import _Completion
 from kvbm_trtllm.executor.connector import (
@@ -79,12 +84,15 @@ from kvbm_trtllm.executor.connector import (
 )
 from kvbm_trtllm.executor.cuda_graphs import GraphCaptures
 from kvbm_trtllm.executor.distributed import Comm, LocalComm
+from kvbm_trtllm.executor.layer_groups import LayerGroups
 from kvbm_trtllm.executor.model import ModelConfig, ReferenceModel, SequenceChunk
+from kvbm_trtllm.executor.pausing import _Pausing
 from kvbm_trtllm.executor.pool import BlockPool, PoolConfig
 from kvbm_trtllm.executor.profiles import DEFAULT_TRTLLM_VERSION, get_profile
 from kvbm_trtllm.executor.request_state import _Request, _State
 from kvbm_trtllm.executor.results import IterationStats, RunResult, request_result
 from kvbm_trtllm.executor.scheduling import _Plan, _Scheduling
+from kvbm_trtllm.executor.v2 import _KvCacheManagerCalls
 from kvbm_trtllm.executor.workloads import Workload
 from kvbm_trtllm.trtllm_api import (
     CudaGraphConfigLike,
@@ -101,7 +109,7 @@ __all__ = ["Executor", "ConnectorContractError", "ConnectorSpec", "resolve_conne
 _DEFAULT_CUDA_GRAPHS = CudaGraphConfigLike()  # TorchLlmArgs: Field(default_factory=CudaGraphConfig)
 
 
-class Executor(_Scheduling, _Completion):
+class Executor(_Scheduling, _Completion, _KvCacheManagerCalls, _Pausing):
     def __init__(
         self,
         model_config: ModelConfig,
@@ -118,6 +126,8 @@ class Executor(_Scheduling, _Completion):
         comm: Comm | None = None,
         device: str | None = None,
         max_iterations: int = 1_000_000,
+        honour_offer: Callable[[int, int], int] | None = None,
+        attention_dp_rank: int | None = None,
     ):
         if chunk_size is not None and chunk_size <= 0:
             raise ValueError(f"chunk_size must be positive or None, got {chunk_size}")
@@ -130,15 +140,20 @@ class Executor(_Scheduling, _Completion):
         self.max_batch_size = max_batch_size
         self.max_num_tokens = max_num_tokens
         self.max_iterations = max_iterations
+        self.honour_offer = honour_offer  # V2: tokens of a connector offer committed (v2.py)
         self.comm = comm or LocalComm()
         self.rank = self.comm.rank
         self.tp_size = self.comm.world_size
+        self.attention_dp_rank = attention_dp_rank  # attention_dp.py
         self.llm_args = self._llm_args(llm_args, connector, cuda_graph_config)
+        if attention_dp_rank is not None and connector is not None:
+            check_attention_dp(resolve_connector(connector))
         self.scheduler, self.worker = build_connector(connector, self.llm_args, self.rank)
         self._forward_callable: Callable[[], Any] | None = None
         if self.worker is not None:
             self._forward_callable = self.worker.register_forward_pass_callable() or None
         self.model = ReferenceModel(model_config, self.comm, device=device)
+        self._unwritten_pages: set[int] = set()
         self.pool = BlockPool(
             pool_config,
             num_layers=model_config.num_layers,
@@ -146,9 +161,25 @@ class Executor(_Scheduling, _Completion):
             head_dim=model_config.head_dim,
             dtype=model_config.torch_dtype,
             device=self.model.device,
+            layer_groups=self._layer_groups(connector is not None),
         )
         if self.worker is not None:
-            self.worker.register_kv_caches(self.pool.tensor)
+            self._check_layer_group_scheduler()
+            self._register_pool()
+
+    def _layer_groups(self, has_connector: bool) -> LayerGroups:
+        windows = self.model_config.layer_windows
+        if self.profile.is_kv_cache_manager_v2:
+            return LayerGroups.from_windows(windows)
+        if has_connector and len(set(windows)) > 1:
+            # V1's BlockManager: TLLM_CHECK "KV Cache Connector is not supported with multiple
+            # window sizes" (reference section 7).
+            raise ConnectorContractError(
+                f"trtllm_version {self.profile.name!r} (KV cache manager V1) does not support a KV "
+                f"cache connector with multiple window sizes {sorted(set(windows), key=str)}; use "
+                f"trtllm_version='v2'"
+            )
+        return LayerGroups.single(self.model_config.num_layers)
 
     def close(self) -> None:
         """Shut down the connector's parts that have a ``shutdown()`` (engines do so at exit)."""
@@ -194,10 +225,14 @@ class Executor(_Scheduling, _Completion):
             "num_kv_heads": c.num_kv_heads,
             "dtype": c.dtype,
         }
+        if self.attention_dp_rank is not None:
+            # TensorRT-LLM's ranks tell theirs through MPI; in-process ranks through extra.
+            model_facts["attention_dp_rank"] = self.attention_dp_rank
         return replace(
             args,
             disable_overlap_scheduler=not self.overlap,
             cuda_graph_config=cuda_graph_config,
+            enable_attention_dp=args.enable_attention_dp or self.attention_dp_rank is not None,
             extra={**model_facts, **args.extra},
         )
 
@@ -235,6 +270,7 @@ class Executor(_Scheduling, _Completion):
         self._pending_done: dict[int, set[int]] = {}  # id -> ranks that reported it done
         self._previous_batch: list[tuple[_Request, int | None]] | None = None
         self._iteration = 0
+        self._num_paused = 0  # V2 pauses for room (pausing.py), this run
         self._iterations: list[IterationStats] = []
         self._start = time.perf_counter()
         while len(self._finished_ids) < len(workload.requests) or self._busy():

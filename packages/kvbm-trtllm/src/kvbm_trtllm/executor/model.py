@@ -42,6 +42,17 @@ from kvbm_trtllm.executor.pool import BlockPool
 
 __all__ = ["ModelConfig", "SequenceChunk", "ReferenceModel"]
 
+
+class _Pages:
+    """Block ids -> pages of one layer's page space (its layer group's, ``layer_groups.py``)."""
+
+    def __init__(self, pool: BlockPool, layer_idx: int) -> None:
+        self.pool = pool
+        self.layer_idx = layer_idx
+
+    def __call__(self, block_ids: list[int], device: torch.device) -> torch.Tensor:
+        return self.pool.layer_pages(self.layer_idx, torch.tensor(block_ids, device=device))
+
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -63,6 +74,8 @@ class ModelConfig:
     tile_rows: int = 32
     tile_keys: int = 32
     name: str = "reference-llama-tiny"
+    sliding_window: int | None = None  # keys per query in ``sliding_window_layers``
+    sliding_window_layers: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
@@ -73,6 +86,24 @@ class ModelConfig:
             )
         if self.head_dim % 2:
             raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
+        if bool(self.sliding_window_layers) != (self.sliding_window is not None):
+            raise ValueError(
+                "set sliding_window and sliding_window_layers together (a window size and the "
+                f"layers that use it), got {self.sliding_window} and {self.sliding_window_layers}"
+            )
+        if self.sliding_window is not None and self.sliding_window <= 0:
+            raise ValueError(f"sliding_window must be positive, got {self.sliding_window}")
+        bad = [i for i in self.sliding_window_layers if not 0 <= i < self.num_layers]
+        if bad:
+            raise ValueError(f"sliding_window_layers {bad} outside 0..{self.num_layers - 1}")
+
+    @property
+    def layer_windows(self) -> tuple[int | None, ...]:
+        """Each layer's attention window (``None``: full attention)."""
+        windowed = set(self.sliding_window_layers)
+        return tuple(
+            self.sliding_window if i in windowed else None for i in range(self.num_layers)
+        )
 
     @classmethod
     def tiny(cls, **overrides) -> ModelConfig:
@@ -298,8 +329,11 @@ class ReferenceModel:
         q = self._rope(q.reshape(-1, hq, d), positions)
         k = self._rope(k.reshape(-1, hk, d), positions)
         k_pool, v_pool = pool.layer_view(layer_idx, 0), pool.layer_view(layer_idx, 1)
-        k_pool[slot_blocks, :, slot_offsets, :] = k.to(pool.tensor.dtype)
-        v_pool[slot_blocks, :, slot_offsets, :] = v.reshape(-1, hk, d).to(pool.tensor.dtype)
+        slot_pages = pool.layer_pages(layer_idx, slot_blocks)
+        k_pool[slot_pages, :, slot_offsets, :] = k.to(pool.dtype)
+        v_pool[slot_pages, :, slot_offsets, :] = v.reshape(-1, hk, d).to(pool.dtype)
+        window = self.config.layer_windows[layer_idx]
+        pages = _Pages(pool, layer_idx)
         attn = torch.empty_like(q)
         starts = [0]
         for c in chunks:
@@ -309,13 +343,13 @@ class ReferenceModel:
             if len(c.token_ids) == 1 and not self.config.batch_invariant:
                 decode_rows.append(i)
                 continue
-            keys, values = self._gather(c, k_pool, v_pool)
+            keys, values = self._gather(c, k_pool, v_pool, pages, window)
             rows = slice(starts[i], starts[i + 1])
-            attn[rows] = self._attend(q[rows], keys, values, c.start_pos).to(q.dtype)
+            attn[rows] = self._attend(q[rows], keys, values, c.start_pos, window).to(q.dtype)
         if decode_rows:
             decode_idx = torch.tensor([starts[i] for i in decode_rows], device=q.device)
             attn[decode_idx] = self._attend_decode_batch(
-                q[decode_idx], [chunks[i] for i in decode_rows], k_pool, v_pool
+                q[decode_idx], [chunks[i] for i in decode_rows], k_pool, v_pool, pages, window
             )
         attn = attn.reshape(-1, hq * d)
         h = h + self._row_parallel(attn, w.o)
@@ -323,32 +357,53 @@ class ReferenceModel:
         return h + self._row_parallel(F.silu(gate) * up, w.down)
 
     def _gather(
-        self, chunk: SequenceChunk, k_pool: torch.Tensor, v_pool: torch.Tensor
+        self,
+        chunk: SequenceChunk,
+        k_pool: torch.Tensor,
+        v_pool: torch.Tensor,
+        pages: _Pages,
+        window: int | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V of positions ``[0, end)`` from the pool, as ``[heads, tokens, head_dim]``."""
+        """K and V of positions ``[0, end)`` from the pool, as ``[heads, tokens, head_dim]``.
+
+        Under a sliding window the positions no query of the chunk reads are zeroed rather
+        than read: their pages may hold anything (V2 reports them as ``-1``).
+        """
         t = k_pool.shape[2]
         num_blocks = -(-chunk.end_pos // t)
-        ids = torch.tensor(chunk.block_ids[:num_blocks], device=k_pool.device)
+        ids = pages(chunk.block_ids[:num_blocks], k_pool.device)
         group = self.num_local_heads // self.num_local_kv_heads
+        first_read = 0 if window is None else max(0, chunk.start_pos - window + 1)
 
         def take(pool_view: torch.Tensor) -> torch.Tensor:
             x = (
                 pool_view[ids]
                 .permute(1, 0, 2, 3)
                 .reshape(self.num_local_kv_heads, -1, pool_view.shape[3])
-            )
-            return x[:, : chunk.end_pos].repeat_interleave(group, dim=0)
+            )[:, : chunk.end_pos]
+            if first_read:
+                x = x.clone()
+                x[:, :first_read] = 0
+            return x.repeat_interleave(group, dim=0)
 
         return take(k_pool), take(v_pool)
 
     def _attend(
-        self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start_pos: int
+        self,
+        q: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        start_pos: int,
+        window: int | None = None,
     ) -> torch.Tensor:
         """Causal attention of ``q`` ``[n, heads, d]`` at ``start_pos...``; returns ``[n, heads, d]``."""
         n = q.shape[0]
         q_pos = torch.arange(start_pos, start_pos + n, device=q.device)
         if not self.config.batch_invariant:
-            mask = torch.arange(keys.shape[1], device=q.device)[None, :] <= q_pos[:, None]
+            k_pos = torch.arange(keys.shape[1], device=q.device)[None, :]
+            mask = k_pos <= q_pos[:, None]
+            if window is not None:
+                mask &= k_pos > q_pos[:, None] - window
             out = F.scaled_dot_product_attention(
                 q.transpose(0, 1)[None],
                 keys[None].to(q.dtype),
@@ -370,6 +425,7 @@ class ReferenceModel:
                 min(start_pos + i + rows, start_pos + n) - 1,
                 kf,
                 vf,
+                window,
             )
             for i in range(0, qf.shape[1], rows)
         ]
@@ -381,15 +437,17 @@ class ReferenceModel:
         chunks: Sequence[SequenceChunk],
         k_pool: torch.Tensor,
         v_pool: torch.Tensor,
+        pages: _Pages,
+        window: int | None,
     ) -> torch.Tensor:
         """One SDPA call for all single-token steps (fast path only): ``q`` is ``[B, heads, d]``."""
         t = k_pool.shape[2]
         num_blocks = [-(-c.end_pos // t) for c in chunks]
         width = max(num_blocks)
-        table = torch.tensor(
-            [c.block_ids[:n] + [0] * (width - n) for c, n in zip(chunks, num_blocks, strict=True)],
-            device=q.device,
-        )
+        table = pages(
+            [b for c, n in zip(chunks, num_blocks, strict=True) for b in c.block_ids[:n] + [c.block_ids[0]] * (width - n)],
+            q.device,
+        ).view(len(chunks), width)
         group = self.num_local_heads // self.num_local_kv_heads
 
         def take(pool_view: torch.Tensor) -> torch.Tensor:
@@ -398,7 +456,10 @@ class ReferenceModel:
             return x.repeat_interleave(group, dim=1).to(q.dtype)
 
         lengths = torch.tensor([c.end_pos for c in chunks], device=q.device)
-        mask = torch.arange(width * t, device=q.device)[None, :] < lengths[:, None]
+        k_pos = torch.arange(width * t, device=q.device)[None, :]
+        mask = k_pos < lengths[:, None]
+        if window is not None:
+            mask &= k_pos >= lengths[:, None] - window
         out = F.scaled_dot_product_attention(
             q[:, :, None, :], take(k_pool), take(v_pool), attn_mask=mask[:, None, None, :]
         )
@@ -415,8 +476,13 @@ class ReferenceModel:
         max_pos: int,
         keys: torch.Tensor,
         values: torch.Tensor,
+        window: int | None = None,
     ) -> torch.Tensor:
-        """Online softmax over fixed-size key tiles, in position order."""
+        """Online softmax over fixed-size key tiles, in position order.
+
+        A key tile masked out for a row is an exact no-op for it; a row whose every key so far
+        is masked (before its window) keeps ``m = -inf`` and a zero accumulator.
+        """
         size = self.config.tile_keys
         heads, rows, d = q.shape
         m = q.new_full((heads, rows), -math.inf)
@@ -426,10 +492,15 @@ class ReferenceModel:
         for j in range(num_tiles):
             k_pos = torch.arange(j * size, (j + 1) * size, device=q.device)
             scores = torch.bmm(q, keys[:, j * size : (j + 1) * size].transpose(1, 2).contiguous())
-            scores = scores.masked_fill(k_pos[None, None, :] > q_pos[None, :, None], -math.inf)
+            masked = k_pos[None, None, :] > q_pos[None, :, None]
+            if window is not None:
+                masked = masked | (k_pos[None, None, :] <= q_pos[None, :, None] - window)
+            scores = scores.masked_fill(masked, -math.inf)
             m_new = torch.maximum(m, scores.amax(dim=-1))
-            alpha = torch.exp(m - m_new)
-            p = torch.exp(scores - m_new[..., None])
+            # Equal to m_new wherever any key was seen, so full attention is unchanged.
+            m_ref = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
+            alpha = torch.exp(m - m_ref)
+            p = torch.exp(scores - m_ref[..., None])
             denom = denom * alpha + p.sum(dim=-1)
             acc = acc * alpha[..., None] + torch.bmm(
                 p, values[:, j * size : (j + 1) * size].contiguous()

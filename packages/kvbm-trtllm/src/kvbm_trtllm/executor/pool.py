@@ -4,6 +4,11 @@ Tensor: ``[num_blocks, num_layers, 2, num_kv_heads * tokens_per_block * head_dim
 KV-head shard under TP; inside a region the order is heads, tokens, head_dim), the tensor the
 connector's ``register_kv_caches`` receives.
 
+With ``layer_groups`` (the V2 profile: KVCacheManagerV2's one page space per layer group,
+``layer_groups.py``) each group has its own tensor ``[num_blocks, layers of the group, 2, ...]``
+and block ``b``'s page in group ``g`` is ``groups.page(g, b)``; ``tensor`` is then group 0's.
+``layer_view`` and ``layer_pages`` hide the difference from the model.
+
 Bookkeeping (every rank runs the same, so block ids agree across ranks):
 - ``match_prefix(hashes)``: the blocks already holding the longest cached prefix (full blocks,
   each named by the chained hash of its whole prefix, ``block_hash.py``). Partial reuse (a
@@ -26,6 +31,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+
+from kvbm_trtllm.executor.layer_groups import LayerGroups
 
 __all__ = ["PoolConfig", "BlockPool"]
 
@@ -54,15 +61,20 @@ class BlockPool:
         head_dim: int,
         dtype: torch.dtype,
         device: torch.device | str,
+        layer_groups: LayerGroups | None = None,
     ):
         self.config = config
         self.tokens_per_block = config.tokens_per_block
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
+        self.dtype = dtype
+        self.groups = layer_groups or LayerGroups.single(num_layers)
         region = num_kv_heads * config.tokens_per_block * head_dim
-        self.tensor = torch.zeros(
-            (config.num_blocks, num_layers, 2, region), dtype=dtype, device=device
-        )
+        self.group_tensors = [
+            torch.zeros((config.num_blocks, len(layers), 2, region), dtype=dtype, device=device)
+            for layers in self.groups.layer_ids
+        ]
+        self.tensor = self.group_tensors[0]
         self._ref_counts = [0] * config.num_blocks
         self._block_hashes: list[int | None] = [None] * config.num_blocks
         self._hash_to_block: dict[int, int] = {}
@@ -85,10 +97,16 @@ class BlockPool:
         return len(self._hash_to_block)
 
     def layer_view(self, layer_idx: int, kv: int) -> torch.Tensor:
-        """``[num_blocks, heads, tokens, head_dim]`` view of one layer's K (0) or V (1)."""
-        return self.tensor[:, layer_idx, kv].view(
+        """``[num_pages, heads, tokens, head_dim]`` view of one layer's K (0) or V (1)."""
+        group, local = self.groups.locate(layer_idx)
+        return self.group_tensors[group][:, local, kv].view(
             self.num_blocks, self.num_kv_heads, self.tokens_per_block, self.head_dim
         )
+
+    def layer_pages(self, layer_idx: int, block_ids: torch.Tensor) -> torch.Tensor:
+        """The pages of ``block_ids`` in the page space of ``layer_idx``'s group."""
+        group, _ = self.groups.locate(layer_idx)
+        return self.groups.pages(group, block_ids, self.num_blocks)
 
     def match_prefix(self, block_hashes: Sequence[int]) -> list[int]:
         if not self.config.enable_block_reuse:

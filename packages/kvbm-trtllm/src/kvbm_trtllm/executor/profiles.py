@@ -19,8 +19,14 @@ overlap scheduler, CUDA graphs, errors) is the same in all three and described i
   request holding a failed block is failed with "KV cache load failure" (not recomputed). Off
   unless asked for: no TensorRT-LLM release has it.
 
-KVCacheManagerV2 (the default of v1.4.0rc1, where ``block_hashes`` is always ``[]``) is not
-imitated.
+- ``"v2"``: TensorRT-LLM 1.4 with KVCacheManagerV2 (the default since v1.4.0rc1, PR #17495;
+  connector support PRs #18700 / #18762). What changes for a connector (``v2.py`` has the
+  details): ``register_kv_cache_layout(KvCacheLayout)`` instead of ``register_kv_caches``,
+  one page space per layer group (a full-attention and a sliding-window group when the model
+  has windowed layers), the ``*_by_layer_group`` callbacks with ``-1`` for pages a sliding
+  window left, ``block_hashes=[]`` and ``priorities=None`` in ``RequestData``, blocks
+  allocated per context chunk (``update_state_after_alloc`` sees the first chunk's; the rest
+  arrive as ``new_block_ids``).
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ class TrtllmProfile:
     has_main_request_data: bool  # block_hashes, priorities, cache_salt, by-layer-group ids
     has_load_error_api: bool  # PR #15425: get_block_ids_with_load_errors / handle_load_errors
     source: str  # the TensorRT-LLM files this profile follows
+    is_kv_cache_manager_v2: bool = False  # layouts, layer groups, per-chunk allocation
 
 
 PROFILES: dict[str, TrtllmProfile] = {
@@ -56,6 +63,16 @@ PROFILES: dict[str, TrtllmProfile] = {
         has_main_request_data=True,
         has_load_error_api=True,
         source="main + closed PR #15425 (tests/unittest/_torch/test_connector.py in forks)",
+    ),
+    "v2": TrtllmProfile(
+        name="v2",
+        has_main_request_data=True,
+        has_load_error_api=False,
+        source=(
+            "connectors/kv_cache_connector.py@035ab91c, connectors/kv_cache_layout.py@0972960b, "
+            "docs/source/features/kv-cache-connector.md@0972960b"
+        ),
+        is_kv_cache_manager_v2=True,
     ),
 }
 

@@ -13,11 +13,14 @@ Shape by profile: ``"1.2"`` sends ``RequestData12`` (five fields). ``"main"`` se
 ``RequestData``: plus ``block_hashes`` (the cumulative chain of beam 0's full blocks, the
 executor's own hash, every report), ``priorities=None`` (no retention config),
 ``cache_salt`` (the request's salt string) and ``new_block_ids_by_layer_group=[new_block_ids]``
-(one layer group, V1 manager).
+(one layer group, V1 manager). ``"v2"``: ``block_hashes=[]`` (KVCacheManagerV2 has none),
+``new_block_ids_by_layer_group`` one list per layer group (``v2.py``); ``new_block_ids`` is
+layer group 0's [U].
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from kvbm_trtllm.executor.block_hash import block_hashes
@@ -34,12 +37,19 @@ def build_scheduler_output(
     admitted_now: dict[int, int],
     profile: TrtllmProfile,
     tokens_per_block: int,
+    ids_by_group: Callable[[_Request, list[int]], list[list[int]]] | None = None,
 ) -> SchedulerOutput:
-    """``admitted_now``: request id -> connector tokens, for requests admitted this iteration."""
+    """``admitted_now``: request id -> connector tokens, for requests admitted this iteration.
+
+    ``ids_by_group(req, new_block_ids)``: ``new_block_ids_by_layer_group`` (default: one group).
+    """
     out = SchedulerOutput(new_requests=[], cached_requests=[])
+    by_group = ids_by_group or (lambda req, ids: [list(ids)])
     for rid, num_tokens in scheduled:
         req = requests[rid]
-        data = _request_data(req, num_tokens, admitted_now.get(rid, 0), profile, tokens_per_block)
+        data = _request_data(
+            req, num_tokens, admitted_now.get(rid, 0), profile, tokens_per_block, by_group
+        )
         (out.cached_requests if req.is_reported else out.new_requests).append(data)
         req.is_reported = True
         req.num_reported_tokens = len(req.llm.tokens)
@@ -53,6 +63,7 @@ def _request_data(
     num_matched_now: int,
     profile: TrtllmProfile,
     tokens_per_block: int,
+    by_group: Callable[[_Request, list[int]], list[list[int]]],
 ) -> Any:
     tokens = list(req.llm.tokens)
     if req.state is _State.CONTEXT:
@@ -72,10 +83,11 @@ def _request_data(
         new_block_ids=new_block_ids,
         computed_position=computed,
         num_scheduled_tokens=num_tokens,
-        block_hashes=block_hashes(
-            tokens, tokens_per_block, req.llm.lora_task_id, req.llm.cache_salt_id
-        ),
+        # KVCacheManagerV2 reports no hashes (connectors compute their own).
+        block_hashes=[]
+        if profile.is_kv_cache_manager_v2
+        else block_hashes(tokens, tokens_per_block, req.llm.lora_task_id, req.llm.cache_salt_id),
         priorities=None,
         cache_salt=req.spec.cache_salt,
-        new_block_ids_by_layer_group=[list(new_block_ids)],
+        new_block_ids_by_layer_group=by_group(req, list(new_block_ids)),
     )

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from kvbm_trtllm.executor.block_hash import block_hashes
@@ -47,6 +47,7 @@ class _Plan:
     scheduled: list[tuple[int, int]]  # (request id, tokens to compute)
     has_meta: bool
     connector_meta: object = None
+    paused: list[int] = field(default_factory=list)  # V2: paused for room, in this order
 
 
 class _Scheduling:
@@ -57,6 +58,15 @@ class _Scheduling:
     rank: int
     chunk_size: int | None
     max_batch_size: int
+    _new_ids_by_group: Any
+    _trim_device_match: Any
+    _num_first_blocks: Any
+    _report_alloc: Any
+    _honour_offer: Any
+    attention_dp_rank: int | None
+    _admission_blocks: Any
+    _make_room: Any
+    _pause: Any
     max_num_tokens: int
     _specs: dict[int, RequestSpec]
     _not_arrived: list[RequestSpec]
@@ -76,18 +86,21 @@ class _Scheduling:
         arrived = self._arrivals()
         self._apply_arrivals(arrived)
         admitted = self._admit_waiting()
-        scheduled = self._schedule()
-        for rid, _ in scheduled:
-            self._prepare_step(self._requests[rid])
+        scheduled, paused = self._make_room(self._schedule())
+        for rid, n in scheduled:
+            self._prepare_step(self._requests[rid], n)
         has_meta = self.scheduler is not None and bool(scheduled or admitted)
         meta = None
         if has_meta:
             admitted_now = {rid: n for rid, n, _ in admitted}
             output = build_scheduler_output(
-                scheduled, self._requests, admitted_now, self.profile, self.tokens_per_block
+                scheduled, self._requests, admitted_now, self.profile, self.tokens_per_block,
+                self._new_ids_by_group,
             )
+            if self.attention_dp_rank is not None:
+                output.attention_dp_rank = self.attention_dp_rank
             meta = self.scheduler.build_connector_meta(output)
-        return _Plan(arrived, admitted, scheduled, has_meta, meta)
+        return _Plan(arrived, admitted, scheduled, has_meta, meta, paused)
 
     def _apply_plan(self, plan: _Plan) -> None:
         self._apply_arrivals(plan.arrived)
@@ -98,8 +111,10 @@ class _Scheduling:
                     f"rank {self.rank} diverged: admits {req.request_id}, rank 0 {rid}"
                 )
             self._admit(req, self._device_match(req), n, is_async)
-        for rid, _ in plan.scheduled:
-            self._prepare_step(self._requests[rid])
+        for rid in plan.paused:
+            self._pause(self._requests[rid])
+        for rid, n in plan.scheduled:
+            self._prepare_step(self._requests[rid], n)
 
     def _arrivals(self) -> list[int]:
         elapsed = time.perf_counter() - self._start
@@ -143,19 +158,19 @@ class _Scheduling:
     def _device_match(self, req: _Request) -> list[int]:
         # At least one prompt token must be computed, so the block holding the last one is never reused.
         max_reusable = (req.prompt_len - 1) // self.tokens_per_block
-        return self.pool.match_prefix(req.hashes[:max_reusable])
+        return self._trim_device_match(self.pool.match_prefix(req.hashes[:max_reusable]))
 
     def _admit_waiting(self) -> list[tuple[int, int, bool]]:
         admitted = []
         while self._waiting and len(self._active) < self.max_batch_size:
             req = self._waiting[0]
             matched = self._device_match(req)
-            needed = self._max_blocks(req) - len(matched)
-            if self.pool.num_allocatable(matched) - self._reserved_blocks() < needed:
+            if self.pool.num_allocatable(matched) < self._admission_blocks(req, matched):
                 break
             self._waiting.popleft()
             device_hit = len(matched) * self.tokens_per_block
             n, is_async = self._ask_connector(req, device_hit)
+            n = self._honour_offer(req, device_hit, n)
             self._admit(req, matched, n, is_async)
             admitted.append((req.request_id, n, is_async))
         return admitted
@@ -167,25 +182,23 @@ class _Scheduling:
         return check_matched_tokens(result, req.request_id, device_hit, req.prompt_len)
 
     def _admit(self, req: _Request, matched: list[int], n: int, is_async: bool) -> None:
-        num_prompt_blocks = -(-req.prompt_len // self.tokens_per_block)
-        block_ids = self.pool.allocate(num_prompt_blocks, matched)
+        req.num_device_hit = len(matched) * self.tokens_per_block
+        req.num_connector_hit = n
+        req.is_async_load = is_async
+        req.num_computed = req.num_device_hit + n
+        block_ids = self.pool.allocate(self._num_first_blocks(req), matched)
         if block_ids is None:
             raise RuntimeError(
                 f"rank {self.rank}: pool could not supply admitted request {req.request_id}"
             )
         req.block_ids = block_ids
-        req.num_device_hit = len(matched) * self.tokens_per_block
-        req.num_connector_hit = n
-        req.is_async_load = is_async
-        req.num_computed = req.num_device_hit + n
         req.llm.context_current_position = req.num_computed
         req.admitted_iteration = self._iteration
         req.state = _State.LOADING if is_async else _State.CONTEXT
         self._active.append(req)
         if is_async:
             self._new_loading_ids.append(req.request_id)
-        if self.scheduler is not None:
-            self.scheduler.update_state_after_alloc(req.llm.py_view, list(block_ids))
+        self._report_alloc(req, list(block_ids))
 
     def _schedule(self) -> list[tuple[int, int]]:
         """Generation steps first, then context chunks, within the token budget."""
@@ -204,15 +217,20 @@ class _Scheduling:
                 budget -= n
         return scheduled
 
-    def _prepare_step(self, req: _Request) -> None:
-        """Allocate the block a generation step writes into (``add_token``)."""
-        if req.state is not _State.GENERATION:
+    def _prepare_step(self, req: _Request, num_tokens: int) -> None:
+        """Allocate the blocks a step writes into: a generation step's (``add_token``), or a
+        context chunk's when blocks come per chunk (V2)."""
+        if req.state is _State.GENERATION:
+            end = len(req.device_tokens)
+        elif req.state is _State.CONTEXT:
+            end = req.num_computed + num_tokens
+        else:
             return
-        position = len(req.device_tokens) - 1
-        if position // self.tokens_per_block >= len(req.block_ids):
-            block_ids = self.pool.allocate(1)
+        missing = -(-end // self.tokens_per_block) - len(req.block_ids)
+        if missing > 0:
+            block_ids = self.pool.allocate(missing)
             if block_ids is None:
                 raise RuntimeError(
-                    f"rank {self.rank}: reserved block for request {req.request_id} missing"
+                    f"rank {self.rank}: reserved blocks for request {req.request_id} missing"
                 )
             req.block_ids.extend(block_ids)
