@@ -2,7 +2,9 @@
 
 Workers -> leader: :class:`Completions` (a batch of ``JobResult`` from one rank; failed jobs
 are results with ``ok=False``), :class:`StoredBlocks` (the blocks a persistent tier of one
-rank still holds after a restart, ``{hash: slot}``) and :class:`WorkerError` (a rank cannot go
+rank still holds after a restart, ``{hash: slot}``; large ones travel as
+:class:`~kvbm_discovery.restore_chunks.StoredBlocksChunk` parts, each answered by a
+``RestoreAck``) and :class:`WorkerError` (a rank cannot go
 on).
 Leader -> workers: :class:`TierSizes` (what TensorRT-LLM's per-iteration metadata does not
 carry: the slots of each tier, sent once at init) and :class:`LoadRecovery` (a request whose
@@ -33,10 +35,20 @@ from kvbm_core.transfer import JobResult, TransferJob
 from kvbm_discovery.bounded_json import MAX_DEPTH, loads_bounded
 from kvbm_discovery.bounded_log import MAX_TEXT, clip
 from kvbm_discovery.errors import MessageError
+from kvbm_discovery.restore_chunks import (
+    RestoreAck,
+    StoredBlocksChunk,
+    ack_from_wire,
+    ack_to_wire,
+    chunk_from_wire,
+    chunk_to_wire,
+)
 
 __all__ = [
     "Completions",
     "StoredBlocks",
+    "StoredBlocksChunk",
+    "RestoreAck",
     "WorkerError",
     "TierSizes",
     "LoadRecovery",
@@ -92,9 +104,9 @@ class LoadRecovery:
     jobs: tuple[TransferJob, ...] = ()
 
 
-Message = Completions | WorkerError | TierSizes | StoredBlocks | LoadRecovery
-TO_LEADER = (Completions, WorkerError, StoredBlocks)
-TO_WORKERS = (TierSizes, LoadRecovery)
+Message = Completions | WorkerError | TierSizes | StoredBlocks | LoadRecovery | StoredBlocksChunk | RestoreAck
+TO_LEADER = (Completions, WorkerError, StoredBlocks, StoredBlocksChunk)
+TO_WORKERS = (TierSizes, LoadRecovery, RestoreAck)
 
 
 def _result_to_wire(result: JobResult) -> dict[str, Any]:
@@ -122,6 +134,10 @@ def encode(message: Message) -> bytes:
             "tier": message.tier,
             "blocks": [[h, s] for h, s in message.blocks.items()],
         }
+    elif isinstance(message, StoredBlocksChunk):
+        body = chunk_to_wire(message)
+    elif isinstance(message, RestoreAck):
+        body = ack_to_wire(message)
     elif isinstance(message, TierSizes):
         body = {"num_slots": dict(message.num_slots)}
     elif isinstance(message, LoadRecovery):
@@ -227,6 +243,9 @@ def decode(data: bytes | str) -> Message:
                 raise MessageError(f"StoredBlocks.blocks entries must be [hash, slot], got {pair!r:.100}")
             blocks[_int(pair[0], "hash")] = _int(pair[1], "slot", maximum=MAX_SLOTS)
         return StoredBlocks(_int(wire.get("rank"), "rank", maximum=2**31), tier, blocks)
+    if kind in ("StoredBlocksChunk", "RestoreAck"):
+        rank, tier = _int(wire.get("rank"), "rank", maximum=2**31), _tier(wire.get("tier"))
+        return (chunk_from_wire if kind == "StoredBlocksChunk" else ack_from_wire)(wire, rank, tier)
     if kind == "TierSizes":
         sizes = wire.get("num_slots")
         if not isinstance(sizes, dict) or len(sizes) > MAX_TIERS:

@@ -204,15 +204,12 @@ class KvbmConnectorWorker(KvCacheConnectorWorker):
         self._is_cuda = False
 
     def register_kv_caches(self, kv_cache_tensor: Any) -> None:
-        from kvbm_discovery import StoredBlocks
-
         self._is_cuda = bool(getattr(kv_cache_tensor, "is_cuda", False))
         layout = layout_from_pool(
             kv_cache_tensor, self.setup.tokens_per_block, self.facts, self.setup.world_size
         )
         self.core.register_kv_caches([kv_cache_tensor], layout)
-        for tier, blocks in self.core.persisted_blocks().items():
-            self.services.control.send_to_leader(StoredBlocks(self.setup.rank, tier, blocks))
+        self.core.report_persisted_blocks()
 
     def register_forward_pass_callable(self):
         return self._after_forward
