@@ -39,13 +39,16 @@ class GatedPinStorage(PinnedHostStorage):
             index = self.num_attempts
             self.num_attempts += 1
         try:
-            assert self.gate.wait(10), "test never opened the gate"
+            assert self._gate_for(ptr).wait(10), "test never opened the gate"
             if self.fail_on is not None and index == self.fail_on:
                 raise OSError(12, "Cannot allocate memory")
             self.pinned.append(ptr)
         finally:
             with self._count_lock:
                 self.num_active -= 1
+
+    def _gate_for(self, ptr: int) -> threading.Event:
+        return self.gate
 
     def _unpin_range(self, ptr: int) -> None:
         self.unpinned.append(ptr)
@@ -164,33 +167,17 @@ def test_a_pinning_failure_is_reported_and_what_was_pinned_is_released(kv):
     assert len(host.pinned) < len(host.pin_ranges)
 
 
-class RangeGatedStorage(PinnedHostStorage):
+class RangeGatedStorage(GatedPinStorage):
     """Each range waits for its own gate, so a test decides which ranges are pinned."""
 
     def __init__(self, layout, num_slots, num_ranges, pin_threads=None, **kwargs):
         self.gates = [threading.Event() for _ in range(num_ranges)]
-        self.pinned: list[int] = []
-        self.unpinned: list[int] = []
-        self.num_active = self.max_active = 0
-        self._count_lock = threading.Lock()
         self._bpb = layout.bytes_per_block
-        super().__init__(layout, num_slots, pin=True, huge_pages=False, pin_threads=pin_threads or num_ranges,
+        super().__init__(layout, num_slots, pin_threads=pin_threads or num_ranges,
                          pin_chunk_bytes=num_slots // num_ranges * layout.bytes_per_block, **kwargs)  # fmt: skip
 
-    def _pin_range(self, ptr: int, size: int) -> None:
-        index = (ptr - self.rows.data_ptr()) // (self.slots_per_range * self._bpb)
-        with self._count_lock:
-            self.num_active += 1
-            self.max_active = max(self.max_active, self.num_active)
-        try:
-            assert self.gates[index].wait(10), "test never opened the gate"
-            self.pinned.append(ptr)
-        finally:
-            with self._count_lock:
-                self.num_active -= 1
-
-    def _unpin_range(self, ptr: int) -> None:
-        self.unpinned.append(ptr)
+    def _gate_for(self, ptr: int) -> threading.Event:
+        return self.gates[(ptr - self.rows.data_ptr()) // (self.slots_per_range * self._bpb)]
 
 
 def _poll_until(handler, job_id, timeout=5.0):

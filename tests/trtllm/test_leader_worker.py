@@ -32,19 +32,9 @@ def config(**values):
 
 def test_tier_sizes_count_every_rank_bytes_and_reach_every_worker():
     cfg = config(cpu_cache_gb=0.001)  # 1e6 bytes over the whole deployment
-    leader = KvbmLeaderCore(cfg, services(cfg), world_size=2, block_size=16, model_id="m")
-    leader.start()
     pools = [torch.zeros(8, 2, 2, 16 * 16 * 2) for _ in range(2)]  # 4 KiB per block per rank
-    workers = [KvbmWorkerCore(cfg, WorkerSetup(rank, 2, 16), services(cfg)) for rank in range(2)]
-    threads = [
-        threading.Thread(target=w.register_kv_caches, args=([p], layout_from_pool(p, 16, None)))
-        for w, p in zip(workers, pools, strict=True)
-    ]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(10)
-    manager = leader.wait_ready(10)
+    leader, workers = _started(cfg, pools)
+    manager = leader.manager
     bytes_per_block = pools[0][0].numel() * 4 * 2
     assert manager.indexes["cpu"].num_slots == int(1e6 // bytes_per_block)
     for worker in workers:
@@ -99,11 +89,12 @@ def test_salt_separates_models_adapters_and_tenants():
     assert a.salt_for(object(), "tenant-1") != a.salt_for(Request())
 
 
-def _started(cfg, world_size):
+def _started(cfg, pools):
+    """A leader and one worker per pool, started as engines start them (concurrently)."""
+    world_size = len(pools)
     leader = KvbmLeaderCore(cfg, services(cfg), world_size=world_size, block_size=16, model_id="m")
     leader.start()
     workers = [KvbmWorkerCore(cfg, WorkerSetup(rank, world_size, 16), services(cfg)) for rank in range(world_size)]
-    pools = [torch.zeros(8, 2, 2, 16 * 4) for _ in range(world_size)]
     threads = [
         threading.Thread(target=w.register_kv_caches, args=([p], layout_from_pool(p, 16, None)))
         for w, p in zip(workers, pools, strict=True)
@@ -135,7 +126,7 @@ def _send_from_every_rank(workers, tier, per_rank, timeout=10.0):
 
 def test_leader_restores_chunked_blocks_every_rank_holds_in_the_same_slot(tmp_path):
     cfg = config(cpu_cache_override_num_blocks=8, disk_cache_override_num_blocks=20_000, disk_cache_dir=str(tmp_path / "disk"))
-    leader, workers = _started(cfg, 2)
+    leader, workers = _started(cfg, [torch.zeros(8, 2, 2, 16 * 4) for _ in range(2)])
     rank0 = {10**6 + i: i for i in range(5000)}
     rank1 = {**rank0, 10**6: 4999, 10**6 + 1: 0}  # two blocks in other slots on rank 1
     del rank1[10**6 + 2]
@@ -151,7 +142,7 @@ def test_leader_restores_chunked_blocks_every_rank_holds_in_the_same_slot(tmp_pa
 
 def test_leader_refuses_a_chunked_restore_of_host_memory_and_an_oversized_one(tmp_path):
     cfg = config(cpu_cache_override_num_blocks=64, disk_cache_override_num_blocks=100, disk_cache_dir=str(tmp_path / "d"))
-    leader, (worker,) = _started(cfg, 1)
+    leader, (worker,) = _started(cfg, [torch.zeros(8, 2, 2, 16 * 4)])
     blocks = {10**6 + i: i for i in range(200)}
     (cpu,) = _send_from_every_rank([worker], "cpu", [blocks], timeout=0.5).values()
     (disk,) = _send_from_every_rank([worker], "disk", [blocks], timeout=0.5).values()
