@@ -105,3 +105,26 @@ def test_both_directions_at_once(kv, rng):
     offload.close()
     onboard.close()
     host.close()
+
+
+def test_the_first_pinned_range_serves_before_the_rest_is_pinned(kv):
+    """4 GiB in 64 MiB ranges, one thread: about 2 s to pin, its first range in ~30 ms."""
+    layout = kv.make_layout(kv.FC, num_layers=8, heads=8, tokens=16, head_dim=128)  # 256 KiB blocks
+    num_slots = (4 << 30) // layout.bytes_per_block
+    pool = kv.make_pool(layout, 16, "cuda")
+    host = PinnedHostStorage(layout, num_slots, pin_chunk_bytes=64 << 20, pin_threads=1)
+    offload = GpuToHostHandler(pool, host)
+    job = kv.job("gpu", "cpu", range(8), range(8))
+    offload.submit([job], torch.cuda.current_stream().record_event())
+    deadline = time.monotonic() + 30
+    results = []
+    while not results and time.monotonic() < deadline:
+        results = offload.poll()
+        time.sleep(0.001)
+    assert results and results[0].ok
+    assert not host.is_ready, "the job ran from the first range while the others still pinned"
+    assert host.rows[0].is_pinned()
+    np.testing.assert_array_equal(host.host_view()[:8], kv.block_bytes(pool, range(8)))
+    host.wait_ready(120)
+    offload.close()
+    host.close()

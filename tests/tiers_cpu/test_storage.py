@@ -39,13 +39,16 @@ class GatedPinStorage(PinnedHostStorage):
             index = self.num_attempts
             self.num_attempts += 1
         try:
-            assert self.gate.wait(10), "test never opened the gate"
+            assert self._gate_for(ptr).wait(10), "test never opened the gate"
             if self.fail_on is not None and index == self.fail_on:
                 raise OSError(12, "Cannot allocate memory")
             self.pinned.append(ptr)
         finally:
             with self._count_lock:
                 self.num_active -= 1
+
+    def _gate_for(self, ptr: int) -> threading.Event:
+        return self.gate
 
     def _unpin_range(self, ptr: int) -> None:
         self.unpinned.append(ptr)
@@ -81,16 +84,19 @@ def test_zero_slots_is_an_error_naming_the_setting(kv):
         PinnedHostStorage(kv.make_layout(kv.FC), 0, pin=False)
 
 
-def test_pinning_runs_in_parallel_in_the_background_and_logs_progress(kv, caplog):
+def test_pinning_runs_the_first_range_alone_then_in_parallel_and_logs_progress(kv, caplog):
     caplog.set_level(logging.INFO, logger="kvbm.tiers.cpu")
     layout = kv.make_layout(kv.FC)
-    host = GatedPinStorage(layout, 64, pin_threads=4, pin_chunk_bytes=8 * layout.bytes_per_block)
+    host = RangeGatedStorage(layout, 64, num_ranges=8, pin_threads=4)
     assert len(host.pin_ranges) == 8 and not host.is_ready and host.failure is None
-    deadline = time.monotonic() + 5
-    while host.num_active < 4 and time.monotonic() < deadline:
-        time.sleep(0.001)
-    assert host.max_active == 4
-    host.gate.set()
+    assert _wait(lambda: host.num_active == 1)
+    time.sleep(0.05)
+    assert host.max_active == 1, "the first range pins alone: it is the first to serve"
+    host.gates[0].set()
+    assert _wait(lambda: host.num_active == 4)
+    assert host.max_active == 4 and host.num_ready_slots == 8
+    for gate in host.gates:
+        gate.set()
     host.wait_ready(10)
     assert host.is_ready and host.pinned_bytes == host.num_bytes
     messages = " | ".join(r.getMessage() for r in caplog.records)
@@ -159,3 +165,74 @@ def test_a_pinning_failure_is_reported_and_what_was_pinned_is_released(kv):
     host.close()
     assert host.pinned and sorted(host.unpinned) == sorted(host.pinned)
     assert len(host.pinned) < len(host.pin_ranges)
+
+
+class RangeGatedStorage(GatedPinStorage):
+    """Each range waits for its own gate, so a test decides which ranges are pinned."""
+
+    def __init__(self, layout, num_slots, num_ranges, pin_threads=None, **kwargs):
+        self.gates = [threading.Event() for _ in range(num_ranges)]
+        self._bpb = layout.bytes_per_block
+        super().__init__(layout, num_slots, pin_threads=pin_threads or num_ranges,
+                         pin_chunk_bytes=num_slots // num_ranges * layout.bytes_per_block, **kwargs)  # fmt: skip
+
+    def _gate_for(self, ptr: int) -> threading.Event:
+        return self.gates[(ptr - self.rows.data_ptr()) // (self.slots_per_range * self._bpb)]
+
+
+def _poll_until(handler, job_id, timeout=5.0):
+    results = {}
+    assert _wait(lambda: results.update({r.job_id: r for r in handler.poll()}) or job_id in results, timeout)
+    return results
+
+
+def _wait(predicate, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while not predicate() and time.monotonic() < deadline:
+        time.sleep(0.001)
+    return predicate()
+
+
+def test_pinned_ranges_serve_while_the_rest_is_still_pinning(kv):
+    layout = kv.make_layout(kv.FC)
+    pool = kv.make_pool(layout, 8)
+    host = RangeGatedStorage(layout, 16, num_ranges=4)  # 4 slots per range
+    assert host.first_ready_s is None and host.num_ready_slots == 0
+    host.gates[0].set()
+    assert _wait(lambda: host.num_ready_slots == 4)
+    assert host.first_ready_s is not None and not host.is_ready
+    assert host.are_slots_ready(np.array([0, 3])) and not host.are_slots_ready(np.array([3, 4]))
+    offload = GpuToHostHandler(pool, host)
+    early, late = kv.job("gpu", "cpu", [1, 2], [0, 3]), kv.job("gpu", "cpu", [3], [13])
+    offload.submit([early, late])
+    results = _poll_until(offload, early.job_id)
+    assert results[early.job_id].ok, "a job in a pinned range does not wait for the others"
+    np.testing.assert_array_equal(host.host_view()[[0, 3]], kv.block_bytes(pool, [1, 2]))
+    assert offload.num_pending == 1 and not host.host_view()[13].any(), "range 3 is not pinned yet"
+    host.gates[3].set()  # only the range it needs: 1 and 2 still pin
+    results = kv.run(offload, [], submitted=[late])
+    assert results[late.job_id].ok and not host.is_ready
+    np.testing.assert_array_equal(host.host_view()[[13]], kv.block_bytes(pool, [3]))
+    for gate in host.gates:
+        gate.set()
+    host.wait_ready(10)
+    host.close()
+
+
+def test_the_init_timeout_bounds_a_stall_not_the_whole_pinning(kv):
+    """Six ranges of 0.1 s each, one at a time, take 0.6 s: twice the 0.3 s timeout, yet fine."""
+
+    class SlowPin(PinnedHostStorage):
+        def _pin_range(self, ptr: int, size: int) -> None:
+            time.sleep(0.1)
+
+        def _unpin_range(self, ptr: int) -> None:
+            pass
+
+    layout = kv.make_layout(kv.FC)
+    host = SlowPin(layout, 12, pin=True, huge_pages=False, pin_threads=1,
+                   pin_chunk_bytes=2 * layout.bytes_per_block, init_timeout_s=0.3)  # fmt: skip
+    host.wait_ready()
+    assert host.is_ready and host.failure is None and host.num_ready_slots == 12
+    assert host.first_ready_s is not None and host.first_ready_s < 0.3
+    host.close()

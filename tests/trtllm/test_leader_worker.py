@@ -34,19 +34,9 @@ def config(**values):
 
 def test_tier_sizes_count_every_rank_bytes_and_reach_every_worker():
     cfg = config(cpu_cache_gb=0.001)  # 1e6 bytes over the whole deployment
-    leader = KvbmLeaderCore(cfg, services(cfg), world_size=2, block_size=16, model_id="m")
-    leader.start()
     pools = [torch.zeros(8, 2, 2, 16 * 16 * 2) for _ in range(2)]  # 4 KiB per block per rank
-    workers = [KvbmWorkerCore(cfg, WorkerSetup(rank, 2, 16), services(cfg)) for rank in range(2)]
-    threads = [
-        threading.Thread(target=w.register_kv_caches, args=([p], layout_from_pool(p, 16, None)))
-        for w, p in zip(workers, pools, strict=True)
-    ]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(10)
-    manager = leader.wait_ready(10)
+    leader, workers = _started(cfg, pools)
+    manager = leader.manager
     bytes_per_block = pools[0][0].numel() * 4 * 2
     assert manager.indexes["cpu"].num_slots == int(1e6 // bytes_per_block)
     for worker in workers:
@@ -99,3 +89,67 @@ def test_salt_separates_models_adapters_and_tenants():
     a.request_data_has_salt = True
     assert a.salt_for(object()) is None
     assert a.salt_for(object(), "tenant-1") != a.salt_for(Request())
+
+
+def _started(cfg, pools):
+    """A leader and one worker per pool, started as engines start them (concurrently)."""
+    world_size = len(pools)
+    leader = KvbmLeaderCore(cfg, services(cfg), world_size=world_size, block_size=16, model_id="m")
+    leader.start()
+    workers = [KvbmWorkerCore(cfg, WorkerSetup(rank, world_size, 16), services(cfg)) for rank in range(world_size)]
+    threads = [
+        threading.Thread(target=w.register_kv_caches, args=([p], layout_from_pool(p, 16, None)))
+        for w, p in zip(workers, pools, strict=True)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    leader.wait_ready(10)
+    return leader, workers
+
+
+def _send_from_every_rank(workers, tier, per_rank, timeout=10.0):
+    from kvbm_discovery.restore_sender import send_restore
+
+    reports = {}
+
+    def send(worker):
+        rank = worker.setup.rank
+        reports[rank] = send_restore(worker.services.control, worker.inbox, rank, tier, per_rank[rank], timeout,
+                                     max_payload_bytes=16 * 1024)  # fmt: skip
+    threads = [threading.Thread(target=send, args=(w,)) for w in workers]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(20)
+    return reports
+
+
+def test_leader_restores_chunked_blocks_every_rank_holds_in_the_same_slot(tmp_path):
+    cfg = config(cpu_cache_override_num_blocks=8, disk_cache_override_num_blocks=20_000, disk_cache_dir=str(tmp_path / "disk"))
+    leader, workers = _started(cfg, [torch.zeros(8, 2, 2, 16 * 4) for _ in range(2)])
+    rank0 = {10**6 + i: i for i in range(5000)}
+    rank1 = {**rank0, 10**6: 4999, 10**6 + 1: 0}  # two blocks in other slots on rank 1
+    del rank1[10**6 + 2]
+    reports = _send_from_every_rank(workers, "disk", [rank0, rank1])
+    assert all(r.is_complete and r.num_chunks > 1 for r in reports.values())
+    index = leader.manager.indexes["disk"]
+    assert set(index.readable_hashes()) == set(rank0) - {10**6, 10**6 + 1, 10**6 + 2}
+    assert index.slot_of(10**6 + 3) == 3
+    for worker in workers:
+        worker.close()
+    leader.close()
+
+
+def test_leader_refuses_a_chunked_restore_of_host_memory_and_an_oversized_one(tmp_path):
+    cfg = config(cpu_cache_override_num_blocks=64, disk_cache_override_num_blocks=100, disk_cache_dir=str(tmp_path / "d"))
+    leader, (worker,) = _started(cfg, [torch.zeros(8, 2, 2, 16 * 4)])
+    blocks = {10**6 + i: i for i in range(200)}
+    (cpu,) = _send_from_every_rank([worker], "cpu", [blocks], timeout=0.5).values()
+    (disk,) = _send_from_every_rank([worker], "disk", [blocks], timeout=0.5).values()
+    assert not cpu.is_complete and not disk.is_complete, "nothing refused is acknowledged"
+    assert leader.manager.indexes["cpu"].num_used == 0 and leader.manager.indexes["disk"].num_used == 0
+    assert leader.stats.snapshot()["restore_failures"] >= 1
+    worker.close()
+    leader.close()

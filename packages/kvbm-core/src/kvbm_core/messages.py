@@ -6,7 +6,9 @@ them; a discovery backend carries them (their signed, bounded JSON wire form is
 
 Workers -> leader: :class:`Completions` (a batch of ``JobResult`` from one rank; failed jobs
 are results with ``ok=False``), :class:`StoredBlocks` (the blocks a persistent tier of one
-rank still holds after a restart, ``{hash: slot}``) and :class:`WorkerError` (a rank cannot go
+rank still holds after a restart, ``{hash: slot}``; large ones travel as
+:class:`StoredBlocksChunk` parts, packed arrays, each answered by a :class:`RestoreAck`; split
+and wire form in :mod:`kvbm_discovery.restore_chunks`) and :class:`WorkerError` (a rank cannot go
 on; its text is clipped to ``MAX_TEXT`` characters when made, so none is stored whole).
 Leader -> workers: :class:`TierSizes` (what an engine's per-iteration metadata does not
 carry: the slots of each tier, sent once at init) and :class:`LoadRecovery` (a request whose
@@ -22,6 +24,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from kvbm_core.bounded_text import clip
 from kvbm_core.transfer import JobResult, TransferJob
 
@@ -31,6 +35,8 @@ __all__ = [
     "WorkerError",
     "TierSizes",
     "LoadRecovery",
+    "StoredBlocksChunk",
+    "RestoreAck",
     "Message",
     "TO_LEADER",
     "TO_WORKERS",
@@ -70,6 +76,39 @@ class LoadRecovery:
     jobs: tuple[TransferJob, ...] = ()
 
 
-Message = Completions | WorkerError | TierSizes | StoredBlocks | LoadRecovery
-TO_LEADER = (Completions, WorkerError, StoredBlocks)
-TO_WORKERS = (TierSizes, LoadRecovery)
+@dataclass(frozen=True)
+class StoredBlocksChunk:
+    """Part ``chunk_index`` of ``num_chunks`` of one rank's restored blocks of one tier."""
+
+    rank: int
+    tier: str
+    restore_id: str  # a fresh token per worker start, so parts of two starts never mix
+    chunk_index: int
+    num_chunks: int
+    hashes: bytes = b""  # packed little-endian uint64
+    slots: bytes = b""  # packed little-endian int32, one per hash
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.hashes) // 8
+
+    def hash_array(self) -> np.ndarray:
+        return np.frombuffer(self.hashes, dtype="<u8")
+
+    def slot_array(self) -> np.ndarray:
+        return np.frombuffer(self.slots, dtype="<i4")
+
+
+@dataclass(frozen=True)
+class RestoreAck:
+    """The leader holds part ``chunk_index`` of ``restore_id``: the sender's window moves on."""
+
+    rank: int
+    tier: str
+    restore_id: str
+    chunk_index: int
+
+
+Message = Completions | WorkerError | TierSizes | StoredBlocks | LoadRecovery | StoredBlocksChunk | RestoreAck
+TO_LEADER = (Completions, WorkerError, StoredBlocks, StoredBlocksChunk)
+TO_WORKERS = (TierSizes, LoadRecovery, RestoreAck)

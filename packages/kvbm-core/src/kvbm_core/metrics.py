@@ -45,6 +45,8 @@ COUNTERS: dict[str, str] = {
     "events_dropped": "KV events dropped by a sink that could not keep up",
     "control_rejected_messages": "Control messages refused: unsigned, badly signed, replayed from "
     "another sender, malformed, oversized or failing validation",
+    "restore_failures": "Restores of a persistent tier after a restart that failed: parts missing "
+    "past the restore timeout, or more blocks claimed than the tier has slots",
     "control_dropped_messages": "Control messages refused because the leader's inbox was full "
     "(NATS senders retry them)",
 }

@@ -10,6 +10,9 @@ Operations:
   one worker or for all (``TierSizes``). Returns at once.
 - ``leader_inbox()`` / ``worker_inbox(rank)``: an :class:`Inbox` receiving, in order per
   sender, every message sent to that side after the inbox was opened.
+- ``max_payload_bytes``: the largest encoded message that can travel (NATS: the server's
+  ``max_payload``, at most ``MAX_MESSAGE_BYTES``); bigger payloads go in parts
+  (:mod:`kvbm_discovery.restore_sender`).
 - ``close()``: stop delivering and free resources; idempotent.
 
 Backends: in-process (all ranks share a process) and NATS (``nats_control``). Received bytes
@@ -33,6 +36,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from kvbm_core.messages import Message
+from kvbm_discovery.messages import MAX_MESSAGE_BYTES
 
 __all__ = ["Inbox", "InboxTally", "ControlChannel"]
 
@@ -111,6 +115,11 @@ class Inbox:
 
 class ControlChannel(ABC):
     num_malformed: int = 0
+
+    @property
+    def max_payload_bytes(self) -> int:
+        """The largest encoded message this channel carries (in-process: the decoder's bound)."""
+        return MAX_MESSAGE_BYTES
 
     @abstractmethod
     def send_to_leader(self, message: Message) -> None: ...

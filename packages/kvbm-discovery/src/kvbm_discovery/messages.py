@@ -24,7 +24,9 @@ from kvbm_core.messages import (
     Completions,
     LoadRecovery,
     Message,
+    RestoreAck,
     StoredBlocks,
+    StoredBlocksChunk,
     TierSizes,
     WorkerError,
 )
@@ -32,6 +34,12 @@ from kvbm_core.transfer import JobResult, TransferJob
 from kvbm_discovery.bounded_json import MAX_DEPTH, loads_bounded
 from kvbm_discovery.bounded_log import MAX_TEXT, clip
 from kvbm_discovery.errors import MessageError
+from kvbm_discovery.restore_chunks import (
+    ack_from_wire,
+    ack_to_wire,
+    chunk_from_wire,
+    chunk_to_wire,
+)
 
 __all__ = [
     "MAX_MESSAGE_BYTES",
@@ -75,6 +83,10 @@ def encode(message: Message) -> bytes:
             "tier": message.tier,
             "blocks": [[h, s] for h, s in message.blocks.items()],
         }
+    elif isinstance(message, StoredBlocksChunk):
+        body = chunk_to_wire(message)
+    elif isinstance(message, RestoreAck):
+        body = ack_to_wire(message)
     elif isinstance(message, TierSizes):
         body = {"num_slots": dict(message.num_slots)}
     elif isinstance(message, LoadRecovery):
@@ -180,6 +192,9 @@ def decode(data: bytes | str) -> Message:
                 raise MessageError(f"StoredBlocks.blocks entries must be [hash, slot], got {pair!r:.100}")
             blocks[_int(pair[0], "hash")] = _int(pair[1], "slot", maximum=MAX_SLOTS)
         return StoredBlocks(_int(wire.get("rank"), "rank", maximum=2**31), tier, blocks)
+    if kind in ("StoredBlocksChunk", "RestoreAck"):
+        rank, tier = _int(wire.get("rank"), "rank", maximum=2**31), _tier(wire.get("tier"))
+        return (chunk_from_wire if kind == "StoredBlocksChunk" else ack_from_wire)(wire, rank, tier)
     if kind == "TierSizes":
         sizes = wire.get("num_slots")
         if not isinstance(sizes, dict) or len(sizes) > MAX_TIERS:

@@ -90,6 +90,11 @@ class NatsControlChannel(ControlChannel):
         return self._conn
 
     @property
+    def max_payload_bytes(self) -> int:
+        """The server's ``max_payload`` (from its INFO; 1 MiB by default), within the decoder's bound."""
+        return min(int(self._conn.nc.max_payload), messages.MAX_MESSAGE_BYTES)
+
+    @property
     def num_rejected(self) -> int:
         """Messages refused: malformed, oversized, unsigned, badly signed or from the wrong sender."""
         return self.admission.num_rejected

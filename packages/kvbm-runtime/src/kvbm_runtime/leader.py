@@ -44,7 +44,9 @@ from kvbm_core.messages import (
     Completions,
     LoadRecovery,
     Message,
+    RestoreAck,
     StoredBlocks,
+    StoredBlocksChunk,
     TierSizes,
     WorkerError,
 )
@@ -53,6 +55,7 @@ from kvbm_core.plugins import TierSpec, load_tier_specs, shared_plugin_manager
 from kvbm_core.tier_options import read_tier_options
 from kvbm_discovery.bounded_log import RateLimitedLog
 from kvbm_discovery.discovery import LEADER, WORKER, InstanceInfo, Registration
+from kvbm_discovery.restore_assembly import RestoreAssembly
 from kvbm_runtime.salt import SaltInputs
 from kvbm_runtime.services import RuntimeServices
 
@@ -88,6 +91,7 @@ class KvbmLeaderCore:
         self._registration: Registration | None = None
         self._salts: dict[SaltInputs, int] = {}
         self._restored: dict[str, dict[int, dict[int, int]]] = {}
+        self._restores = RestoreAssembly(world_size)
         self._specs: dict[str, TierSpec] = {}
         self._rewinds: dict[int, Callable[[int], None]] = {}
         self.worker_metadata: dict[str, str] = {}  # rank 0's InstanceInfo.metadata, once ready
@@ -187,6 +191,10 @@ class KvbmLeaderCore:
                     "handle", "kvbm leader: dropping a %s it could not apply: %r",
                     type(message).__name__, exc,
                 )
+        for failure in self._restores.take_expired():
+            self.stats.add("restore_failures")
+            log.error("kvbm leader: the %s restore did not complete within %.0f s (missing %s); "
+                      "those blocks are not served", failure.tier, self._restores.timeout_secs, failure.missing)
         tally = self.inbox.take_tallies()
         self.stats.add("control_rejected_messages", tally.num_rejected)
         self.stats.add("control_dropped_messages", tally.num_dropped)
@@ -205,6 +213,8 @@ class KvbmLeaderCore:
             self.manager.apply_results(message.rank, message.results)
         elif isinstance(message, StoredBlocks):
             self._restore(message)
+        elif isinstance(message, StoredBlocksChunk):
+            self._restore_chunk(message)
         elif isinstance(message, WorkerError):
             log.error("kvbm worker rank %d reported: %.2000s", message.rank, message.error)
 
@@ -238,11 +248,7 @@ class KvbmLeaderCore:
     def _restore(self, message: StoredBlocks) -> None:
         # Every rank must hold a block in the same slot before any rank's copy is trusted.
         assert self.manager is not None
-        spec = self._specs.get(message.tier)
-        if spec is None or not spec.is_persistent or message.tier not in self.manager.indexes:
-            # A tier that keeps nothing across restarts (host memory) cannot have blocks from
-            # before one: such a "restore" is a mistake or a forgery; an unknown tier has no index.
-            log.warning("kvbm leader: ignoring restored blocks for tier %.40r", message.tier)
+        if not self._is_restorable(message.tier):
             return
         pending = self._restored.setdefault(message.tier, {})
         pending[message.rank] = dict(message.blocks)
@@ -253,6 +259,35 @@ class KvbmLeaderCore:
             common = {h: s for h, s in common.items() if blocks.get(h) == s}
         self.manager.restore(message.tier, common)
         log.info("kvbm leader: %d %s block(s) restored from before the restart", len(common), message.tier)
+
+    def _restore_chunk(self, chunk: StoredBlocksChunk) -> None:
+        """One part of a rank's restore: acknowledged, and applied once every rank's parts are in."""
+        assert self.manager is not None
+        if not self._is_restorable(chunk.tier):
+            return
+        if not self._restores.add(chunk, self.manager.indexes[chunk.tier].num_slots):
+            self.stats.add("restore_failures")
+            log.error("kvbm leader: rank %d's %s restore claims more blocks than the tier has slots; "
+                      "dropped", chunk.rank, chunk.tier)
+            return
+        common = self._restores.take_complete(chunk.tier)
+        if common is not None:
+            self.manager.restore(chunk.tier, common)
+            log.info("kvbm leader: %d %s block(s) restored from before the restart", len(common), chunk.tier)
+        # After applying: the last rank's last acknowledgement means "restored".
+        self.services.control.send_to_worker(
+            chunk.rank, RestoreAck(chunk.rank, chunk.tier, chunk.restore_id, chunk.chunk_index)
+        )
+
+    def _is_restorable(self, tier: str) -> bool:
+        assert self.manager is not None
+        spec = self._specs.get(tier)
+        if spec is None or not spec.is_persistent or tier not in self.manager.indexes:
+            # A tier that keeps nothing across restarts (host memory) cannot have blocks from
+            # before one: such a "restore" is a mistake or a forgery; an unknown tier has no index.
+            log.warning("kvbm leader: ignoring restored blocks for tier %.40r", tier)
+            return False
+        return True
 
     def salt_for(self, inputs: SaltInputs) -> int:
         """The block-hash seed of a request with these salt inputs, under this leader's model."""

@@ -71,6 +71,11 @@ class RuntimeControl(Protocol):
         """Worker ``rank``'s inbox: every message sent to that rank after it was opened."""
         ...
 
+    @property
+    def max_payload_bytes(self) -> int:
+        """The largest encoded message that can travel (NATS: the server's ``max_payload``)."""
+        ...
+
 
 @runtime_checkable
 class RuntimeServices(Protocol):

@@ -6,8 +6,9 @@ Runs in every rank's process (inside the engine adapter's worker half, e.g. Tens
 Operations:
 - ``register_kv_caches(tensors)``: wrap the engine's GPU pool, announce this rank's layout,
   wait for the leader's tier sizes (bounded by ``LEADER_WORKER_INIT_TIMEOUT_SECS``), build
-  every configured tier's storage and handlers through the plugins, and report the blocks a
-  persistent tier still holds from before a restart.
+  every configured tier's storage and handlers through the plugins.
+- ``report_persisted_blocks()``: send the leader the blocks persistent tiers still hold from
+  before a restart, in acknowledged parts of any size (:mod:`kvbm_discovery.restore_sender`).
 - ``start_iteration(plan)``: start the plan's jobs that need no forward pass (loads, host ->
   disk); loads of requests the engine runs this very iteration (sync loads) are waited for.
 - ``after_forward(ready)``: start the jobs that read GPU blocks, ordered after ``ready`` (a CUDA
@@ -243,6 +244,19 @@ class KvbmWorkerCore:
             if persisted is not None:
                 found[name] = persisted
         return found
+
+    def report_persisted_blocks(self) -> None:
+        """Tell the leader what persistent tiers hold, in acknowledged parts (bounded wait)."""
+        from kvbm_discovery.restore_assembly import DEFAULT_RESTORE_TIMEOUT_SECS
+        from kvbm_discovery.restore_sender import send_restore
+
+        for tier, blocks in self.persisted_blocks().items():
+            report = send_restore(self.services.control, self.inbox, self.setup.rank, tier, blocks,
+                                  DEFAULT_RESTORE_TIMEOUT_SECS)
+            if not report.is_complete:
+                log.error("kvbm worker %d: the leader acknowledged %d of %d parts of the %s restore "
+                          "within %.0f s; its blocks are not served", self.setup.rank, report.num_acked,
+                          report.num_chunks, tier, report.seconds)
 
     # ---- per iteration ---------------------------------------------------------------------
 

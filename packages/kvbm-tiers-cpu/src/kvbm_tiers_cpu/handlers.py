@@ -5,8 +5,10 @@ Run in each worker process, on the thread that drives its ``TransferEngine``. Op
 - ``submit(jobs, ready)``: checks each job (media, id ranges, no destination named twice; a bad
   job fails alone), then enqueues the rest and returns: no host sync. ``ready`` is a
   ``torch.cuda.Event`` (or stream) the copies wait for on the GPU (``stream.wait_event``).
-  Jobs submitted while the host memory is still being pinned wait inside the handler and start
-  from ``poll()`` once it is; if it never becomes ready they fail with the storage's reason.
+  Host memory serves range by range while it is pinned: a job whose host slots all lie in
+  pinned ranges starts at once; one touching a range still being pinned waits inside the
+  handler (never in the engine) and starts from ``poll()`` once that range is; if it never
+  becomes ready it fails with the storage's reason.
 - ``poll()``: results of finished jobs, found by ``event.query()``; a CUDA error fails the
   jobs it hit. ``JobResult.num_bytes`` is the bytes moved.
 - ``close()``: waits for the copies in flight, fails jobs still waiting for memory.
@@ -138,14 +140,18 @@ class _BlockCopyHandler(TransferHandler):
             return
         if self._is_closed:
             self._fail(checked, f"{self.src_medium} -> {self.dst_medium} handler is closed")
-        elif self._deferred or not self._host.is_ready:
-            failure = self._host.failure
-            if failure is not None:
-                self._fail(checked, failure)
-            else:
-                self._deferred.append((checked, ready))
+        elif (failure := self._host.failure) is not None:
+            self._fail(checked, failure)
         else:
-            self._launch(checked, ready)
+            self._launch_pinned(checked, ready)
+
+    def _launch_pinned(self, jobs: list[_Checked], ready: Any) -> None:
+        """Launch the jobs whose host slots are pinned; keep the others until theirs are."""
+        now = [c for c in jobs if self._host.are_slots_ready(c.host_ids)]
+        if len(now) < len(jobs):
+            self._deferred.append(([c for c in jobs if not self._host.are_slots_ready(c.host_ids)], ready))
+        if now:
+            self._launch(now, ready)
 
     def poll(self) -> list[JobResult]:
         self._release_deferred()
@@ -227,16 +233,13 @@ class _BlockCopyHandler(TransferHandler):
     def _release_deferred(self) -> None:
         if not self._deferred:
             return
-        if self._host.is_ready:
-            batches, self._deferred = self._deferred, []
-            for jobs, ready in batches:
-                self._launch(jobs, ready)
-            return
+        batches, self._deferred = self._deferred, []
         failure = self._host.failure
-        if failure is not None:
-            for jobs, _ in self._deferred:
+        for jobs, ready in batches:
+            if failure is not None:
                 self._fail(jobs, failure)
-            self._deferred.clear()
+            else:
+                self._launch_pinned(jobs, ready)
 
     def _lanes(self) -> tuple[Lane, Lane]:
         if self._is_onboard:

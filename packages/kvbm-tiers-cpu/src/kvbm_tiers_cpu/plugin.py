@@ -4,7 +4,9 @@
 ``KVBM_CPU_CACHE_GB`` / ``KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS`` and written from the GPU:
 - ``make_storage(ctx)``: a :class:`PinnedHostStorage` of ``ctx.num_slots`` slots for rank
   ``ctx.rank``; pinned (in the background) when ``ctx.device`` is a CUDA device, plain memory
-  otherwise. Its init deadline is ``config.leader_worker_init_timeout_secs``.
+  otherwise; it serves from each range as soon as that range is pinned. Pinning that makes no
+  progress for ``config.leader_worker_init_timeout_secs`` fails the tier (a stall bound, not a
+  bound on the total pinning time, so it does not cap the tier's size).
 - ``make_handlers(storages, ctx)``: the ``gpu -> cpu`` and ``cpu -> gpu`` handlers over
   ``storages["gpu"]`` (the engine's pool) and ``storages["cpu"]``.
 

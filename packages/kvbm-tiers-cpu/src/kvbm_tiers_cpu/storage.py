@@ -8,13 +8,20 @@ Runs in each worker process. Operations:
 - ``host_view()``: the ``[num_slots, bytes_per_block]`` uint8 numpy view; usable at once (the
   disk tier reads and writes through it; pinning only matters to DMA).
 - ``rows``: the same bytes as a ``torch`` uint8 tensor (what the GPU handlers copy to and from).
-- ``is_ready`` / ``failure``: pinned and usable for DMA / why it will never be (allocation
-  error, or still not pinned when the init timeout passed).
+- ``is_ready`` / ``failure``: all pinned and usable for DMA / why it will never be (allocation
+  error, or pinning stalled: no range finished for ``init_timeout_s``).
+- ``are_slots_ready(slot_ids)``: every range holding these slots is pinned. Ranges pin in slot
+  order (the leader hands out low slots first) and serve as soon as each is pinned: the tier
+  is usable after one range (about 0.45 s per GiB range), not after all of it (minutes for a
+  TB). ``num_ready_slots`` and ``first_ready_s`` (seconds from construction to the first
+  pinned range) say how far it got.
 - ``wait_ready(timeout=None)``: block until pinned; raises :class:`HostMemoryError` saying what
-  it waited for, how far it got and what to change. ``None`` waits until the init deadline
-  (``KVBM_LEADER_WORKER_INIT_TIMEOUT_SECS`` after construction).
+  it waited for, how far it got and what to change. ``None`` waits while pinning progresses.
 - ``pin_ranges``: ``(first_slot, end_slot)`` of each separately pinned range; one DMA copy must
-  stay inside one range.
+  stay inside one range. All but the last hold ``slots_per_range`` slots.
+
+The init timeout (``KVBM_LEADER_WORKER_INIT_TIMEOUT_SECS``) bounds how long pinning may go
+without progress, not its total time, so it does not cap the tier's size.
 - ``close()``: stop pinning, unpin, unmap; idempotent.
 
 Without CUDA (``pin=False``) the same buffer is plain memory and is ready at once.
@@ -80,6 +87,8 @@ class PinnedHostStorage(Storage):
         self.is_pinned_memory = torch.cuda.is_available() if pin is None else pin
         self.init_timeout_s = init_timeout_s
         self._started_at = time.monotonic()
+        self._progress_at = self._started_at
+        self.first_ready_s: float | None = None
         check_host_memory(self.num_bytes, rank)  # a clear error, not ENOMEM or the OOM killer
         try:
             self._mm = mmap.mmap(-1, self.num_bytes)  # page-aligned, zero pages on first touch
@@ -93,6 +102,9 @@ class PinnedHostStorage(Storage):
         self.rows: torch.Tensor = torch.from_numpy(self._array)
         page_bytes = HUGE_PAGE if huge_pages else mmap.PAGESIZE
         self.pin_ranges = _split_slots(num_slots, layout.bytes_per_block, pin_chunk_bytes, page_bytes)
+        self.slots_per_range = self.pin_ranges[0][1] - self.pin_ranges[0][0]
+        self._is_range_pinned = np.full(len(self.pin_ranges), not self.is_pinned_memory)
+        self._num_ready_slots = 0 if self.is_pinned_memory else num_slots
         self._lock = threading.Lock()
         self._ready = threading.Event()
         self._error: str | None = None
@@ -102,6 +114,7 @@ class PinnedHostStorage(Storage):
         self._pinned_bytes = 0
         self._thread: threading.Thread | None = None
         if not self.is_pinned_memory:
+            self.first_ready_s = 0.0
             self._ready.set()
         elif background:
             self._thread = threading.Thread(
@@ -125,29 +138,46 @@ class PinnedHostStorage(Storage):
         return self._pinned_bytes
 
     @property
+    def num_ready_slots(self) -> int:
+        return self._num_ready_slots
+
+    def are_slots_ready(self, slot_ids: np.ndarray) -> bool:
+        """Whether DMA may touch these slots now (every range holding them is pinned)."""
+        if self._error is not None:
+            return False
+        if self._ready.is_set() or slot_ids.size == 0:
+            return True
+        return bool(self._is_range_pinned[np.asarray(slot_ids) // self.slots_per_range].all())
+
+    @property
     def failure(self) -> str | None:
         """Why the storage will never become ready, or ``None`` while it still may (or is)."""
         if self._error is not None:
             return self._error
-        if not self._ready.is_set() and time.monotonic() - self._started_at > self.init_timeout_s:
+        if not self._ready.is_set() and time.monotonic() - self._progress_at > self.init_timeout_s:
             return self._timeout_message(time.monotonic() - self._started_at)
         return None
 
     def wait_ready(self, timeout: float | None = None) -> None:
-        if timeout is None:
-            timeout = self.init_timeout_s - (time.monotonic() - self._started_at)
-        if not self._ready.wait(max(0.0, timeout)):
-            raise HostMemoryError(self._timeout_message(time.monotonic() - self._started_at))
+        """Block until pinned; ``None``: for as long as pinning makes progress."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self._ready.wait(0.05):
+            if self.failure is not None:
+                raise HostMemoryError(self.failure)
+            if deadline is not None and time.monotonic() > deadline:
+                raise HostMemoryError(self._timeout_message(time.monotonic() - self._started_at))
         if self._error is not None:
             raise HostMemoryError(self._error)
 
     def _timeout_message(self, waited_s: float) -> str:
+        stalled_s = time.monotonic() - self._progress_at
         return (
             f"cpu tier (rank {self.rank}): pinned host memory was still not ready after "
             f"{waited_s:.1f} s: {self._pinned_bytes / GIB:.1f} of {self.num_bytes / GIB:.1f} GiB "
-            f"pinned (pinning takes about 0.6 s per GiB). Raise "
-            f"KVBM_LEADER_WORKER_INIT_TIMEOUT_SECS (now {self.init_timeout_s:g} s) or lower "
-            f"KVBM_CPU_CACHE_GB"
+            f"pinned, the last range {stalled_s:.1f} s ago (pinning takes about 0.45 s per GiB; "
+            f"pinned ranges serve meanwhile). Pinning that stalls longer than "
+            f"KVBM_LEADER_WORKER_INIT_TIMEOUT_SECS (now {self.init_timeout_s:g} s) fails the tier; "
+            f"raise it, or lower KVBM_CPU_CACHE_GB"
         )
 
     # -- pinning ----------------------------------------------------------------------------
@@ -161,14 +191,12 @@ class PinnedHostStorage(Storage):
             self.rank, self.num_bytes / GIB, len(ranges), num_threads,
         )
         errors: list[Exception] = []
-        with ThreadPoolExecutor(max(1, num_threads), thread_name_prefix="kvbm-pin") as pool:
-            futures = [pool.submit(self._pin_one, ptr, size) for ptr, size in ranges]
-            for future in as_completed(futures):
-                try:
-                    self._note_pinned(*future.result())
-                except Exception as exc:  # noqa: BLE001 - reported through wait_ready / failure
-                    errors.append(exc)
-                    self._is_stopping = True
+        # The first range alone, then the rest in parallel: where the driver serializes
+        # registrations, eight at once would make the first usable slot wait for eight ranges.
+        indexed = list(enumerate(ranges))
+        for batch, threads in ((indexed[:1], 1), (indexed[1:], num_threads)):
+            if batch and not errors:
+                self._pin_batch(batch, threads, errors)
         try:
             if errors and not self._is_closing:
                 first_error = errors[0]
@@ -186,18 +214,35 @@ class PinnedHostStorage(Storage):
         finally:
             self._ready.set()
 
-    def _pin_one(self, ptr: int, size: int) -> tuple[int, int]:
+    def _pin_batch(self, batch: list[tuple[int, tuple[int, int]]], num_threads: int, errors: list[Exception]) -> None:
+        with ThreadPoolExecutor(max(1, num_threads), thread_name_prefix="kvbm-pin") as pool:
+            # Submitted in slot order, so the low slots the leader hands out first pin first.
+            futures = [pool.submit(self._pin_one, i, ptr, size) for i, (ptr, size) in batch]
+            for future in as_completed(futures):
+                try:
+                    self._note_pinned(*future.result())
+                except Exception as exc:  # noqa: BLE001 - reported through wait_ready / failure
+                    errors.append(exc)
+                    self._is_stopping = True
+
+    def _pin_one(self, index: int, ptr: int, size: int) -> tuple[int, int, int]:
         if self._is_stopping:
             raise HostMemoryError("pinning stopped")
         self._pin_range(ptr, size)
-        return ptr, size
+        return index, ptr, size
 
-    def _note_pinned(self, ptr: int, size: int) -> None:
+    def _note_pinned(self, index: int, ptr: int, size: int) -> None:
         with self._lock:
             before = self._pinned_bytes * 4 // self.num_bytes
             self._pinned_ptrs.append(ptr)
             self._pinned_bytes += size
             quarter = self._pinned_bytes * 4 // self.num_bytes
+            self._progress_at = time.monotonic()
+            if self.first_ready_s is None:
+                self.first_ready_s = self._progress_at - self._started_at
+            start, end = self.pin_ranges[index]
+            self._num_ready_slots += end - start
+            self._is_range_pinned[index] = True  # last: a reader seeing it sees the range pinned
         if quarter != before and self._pinned_bytes < self.num_bytes:
             logger.info(
                 "cpu tier (rank %d): %.1f / %.1f GiB pinned (%.1f s)",

@@ -48,7 +48,6 @@ from typing import Any
 
 from kvbm_core.config import KvbmConfig
 from kvbm_core.manager import IterationPlan
-from kvbm_core.messages import StoredBlocks
 from kvbm_core.plugins import load_discovery_backend, shared_plugin_manager
 from kvbm_runtime import KvbmLeaderCore, KvbmWorkerCore, WorkerSetup
 from kvbm_trtllm.pool_layout import layout_from_pool, model_facts, model_identity
@@ -225,7 +224,7 @@ class KvbmConnectorWorker(LayerGroupWorker, KvCacheConnectorWorker):
             kv_cache_tensor, self.setup.tokens_per_block, self.facts, self.setup.world_size
         )
         self.core.register_kv_caches([kv_cache_tensor], layout)
-        self._announce_persisted()
+        self.core.report_persisted_blocks()
 
     def register_kv_cache_layout(self, layout: Any) -> None:
         """KVCacheManagerV2: page regions per layer group (``v2_layout``), in place of a pool."""
@@ -234,11 +233,8 @@ class KvbmConnectorWorker(LayerGroupWorker, KvCacheConnectorWorker):
         self._is_cuda = getattr(pool.device, "type", str(pool.device)) == "cuda"
         metadata = {PRIMARY_GROUP_KEY: str(primary_group_index(layout))}
         self.core.register_kv_caches([], pool.layout, pool=pool, metadata=metadata)
-        self._announce_persisted()
+        self.core.report_persisted_blocks()
 
-    def _announce_persisted(self) -> None:
-        for tier, blocks in self.core.persisted_blocks().items():
-            self.services.control.send_to_leader(StoredBlocks(self.setup.rank, tier, blocks))
 
     def register_forward_pass_callable(self):
         return self._after_forward

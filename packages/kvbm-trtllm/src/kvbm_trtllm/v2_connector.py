@@ -137,6 +137,7 @@ class LayerGroupLeader:
 
     supports_attention_dp = True
     core: Any
+    salts: Any
     _manager: Any
     update_state_after_alloc: Any
     request_finished: Any
