@@ -7,20 +7,16 @@ locally, and fail under CI (``CI=1`` or ``KVBM_REQUIRE_SERVICES=1``): CI must ru
 from __future__ import annotations
 
 import os
-from importlib.util import find_spec
 
 import pytest
 
-from kvbm_tiers_mooncake.local_store import LocalMooncake, find_binary
+from kvbm_tiers_mooncake.local_store import LocalMooncake, unavailable_reason
 
 
-def _require_store() -> None:
-    missing = [b for b in ("mooncake_master", "mooncake_client") if find_binary(b) is None]
-    if find_spec("mooncake") is None:
-        missing.append("the mooncake module")
-    if not missing:
+def require_store() -> None:
+    why = unavailable_reason()
+    if why is None:
         return
-    why = f"Mooncake Store not installed ({', '.join(missing)}): pip install mooncake-transfer-engine-non-cuda"
     if os.environ.get("CI") or os.environ.get("KVBM_REQUIRE_SERVICES") == "1":
         pytest.fail(why)
     pytest.skip(why)
@@ -29,7 +25,7 @@ def _require_store() -> None:
 @pytest.fixture(scope="module")
 def shared_store(tmp_path_factory):
     """One store for a module's tests that do not stop it."""
-    _require_store()
+    require_store()
     store = LocalMooncake(log_dir=tmp_path_factory.mktemp("mooncake")).start()
     yield store
     store.stop()
@@ -38,7 +34,7 @@ def shared_store(tmp_path_factory):
 @pytest.fixture
 def store(tmp_path):
     """A store of one's own, for tests that stop, restart or corrupt it."""
-    _require_store()
+    require_store()
     store = LocalMooncake(log_dir=tmp_path).start()
     yield store
     store.stop()

@@ -4,7 +4,7 @@
 server and one ``mooncake_client`` store node contributing ``segment_mib`` of memory (engines'
 workers then contribute none, so a store outlives the engines that filled it); ``stop()``,
 ``restart()`` (an empty store on the same ports), ``options`` (the tier options that reach it).
-``find_binary(name)`` finds the wheel's binaries next to the interpreter or on PATH. Every wait
+``unavailable_reason()`` says why a store cannot run here; ``find_binary(name)`` finds the wheel's binaries next to the interpreter or on PATH. Every wait
 is bounded; a server that does not come up raises ``RuntimeError`` with the tail of its log.
 Imports no test framework.
 """
@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["LocalMooncake", "find_binary", "free_port", "LOOPBACK"]
+__all__ = ["LocalMooncake", "find_binary", "free_port", "unavailable_reason", "LOOPBACK"]
 
 LOOPBACK = "127.0.0.1"
 
@@ -29,6 +29,21 @@ LOOPBACK = "127.0.0.1"
 def find_binary(name: str) -> str | None:
     search = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     return shutil.which(name, path=search)
+
+
+def unavailable_reason() -> str | None:
+    """Why a local store cannot run here (binaries or the client module missing), or ``None``."""
+    from importlib.util import find_spec
+
+    missing = [b for b in ("mooncake_master", "mooncake_client") if find_binary(b) is None]
+    if find_spec("mooncake") is None:
+        missing.append("the mooncake module")
+    if not missing:
+        return None
+    return (
+        f"Mooncake Store not installed ({', '.join(missing)}): "
+        "pip install mooncake-transfer-engine-non-cuda"
+    )
 
 
 def free_port() -> int:
