@@ -70,6 +70,7 @@ from kvbm_core.hashing import block_hashes
 from kvbm_core.index import TierIndex
 from kvbm_core.metrics import KvbmStats
 from kvbm_core.plan import IterationPlan, LoadOutcome, Match, TierSlots
+from kvbm_core.presence import PresencePlanner
 from kvbm_core.transfer import CPU, DISK, GPU, JobResult, TransferJob
 
 __all__ = ["BlockManager", "IterationPlan", "LoadOutcome", "Match", "TierSlots"]
@@ -79,7 +80,7 @@ MAX_LOAD_RETRIES = 1
 _STAT_NAMES = {"cpu": "host", "disk": "disk"}
 
 
-class BlockManager(StorePlanner):
+class BlockManager(StorePlanner, PresencePlanner):
     def __init__(
         self,
         tiers: Sequence[TierSlots],
@@ -142,6 +143,7 @@ class BlockManager(StorePlanner):
             return Match()
         # Leave at least one prompt token to compute: never load the block holding the last token.
         last_loadable = min(len(request.hashes), (num_prompt - 1) // self.block_size)
+        self._learn_presence(request.hashes[first_block:last_loadable])
         sources = self._match(request.hashes[first_block:last_loadable])
         hits: dict[str, list[int]] = {}
         for index, group in itertools.groupby(sources, key=lambda s: s[0]):
@@ -395,8 +397,8 @@ class BlockManager(StorePlanner):
             self._pending_events.append(BlockStored(medium, job.block_hashes, None, (), self.block_size))
 
     def _note_evicted(self, index: TierIndex, hashes: Sequence[int], evicted: bool = True) -> None:
-        if not hashes:
-            return
+        if not hashes or (evicted and self._is_shared(index.name)):
+            return  # a shared tier's index forgets an entry; the block stays in the store
         name = _STAT_NAMES.get(index.name)
         if evicted and name is not None:
             self.stats.add(f"evicted_blocks_{name}", len(hashes))

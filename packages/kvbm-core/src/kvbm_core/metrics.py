@@ -36,6 +36,8 @@ COUNTERS: dict[str, str] = {
     "failed_transfers": "Transfer jobs that failed",
     "timed_out_jobs": "Transfer jobs failed because some rank did not report them within KVBM_JOB_TIMEOUT_SECS",
     "corrupt_blocks": "Blocks dropped because their bytes failed an integrity check",
+    "shared_presence_queries": "Existence queries the leader sent to shared (G4) tiers",
+    "shared_presence_hits": "Blocks other engines stored that the leader found in a shared tier",
     "failed_loads": "Load jobs into GPU blocks that failed on some rank",
     "retried_loads": "Failed loads retried from another copy of the same blocks",
     "recomputed_load_tokens": "Prompt tokens the engine recomputed because their KV did not load",

@@ -13,6 +13,7 @@ from kvbm_core.transfer import GPU, TransferJob
 
 if TYPE_CHECKING:
     from kvbm_core.admission import AdmissionPolicy
+    from kvbm_core.presence import PresenceSource
 
 __all__ = ["TierSlots", "Match", "IterationPlan", "LoadOutcome"]
 
@@ -24,13 +25,15 @@ class TierSlots:
     ``name`` is the tier's key everywhere (index, jobs' ``src``/``dst``, the worker's storage).
     ``stores_from`` names the tiers (or ``"gpu"``) whose blocks its handlers copy in;
     ``admission`` picks the blocks it takes from the tier above (``None``: the manager's
-    default for tiers below the top one).
+    default for tiers below the top one). ``presence`` marks a tier shared with other engines:
+    its index caches what the store holds (see :mod:`kvbm_core.presence`).
     """
 
     name: str
     num_slots: int
     stores_from: tuple[str, ...] = (GPU,)
     admission: AdmissionPolicy | None = None
+    presence: PresenceSource | None = None
 
 
 @dataclass(frozen=True, slots=True)

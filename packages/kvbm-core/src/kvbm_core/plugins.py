@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from kvbm_core.admission import AdmissionPolicy
     from kvbm_core.config import KvbmConfig
     from kvbm_core.layout import KvLayout
+    from kvbm_core.presence import PresenceSource
     from kvbm_core.transfer import Storage, TransferHandler
 
 __all__ = [
@@ -83,7 +84,12 @@ class TierSpec:
     whose blocks its handlers copy in, so the planner knows which copies it may plan (every
     tier loads into the GPU); ``make_admission(config)`` picks the blocks it takes from the
     tier above (``None``: the default); ``is_persistent`` trusts blocks its workers find from
-    before a restart (``Storage.persisted_blocks``). ``options`` declares its tuning knobs:
+    before a restart (``Storage.persisted_blocks``). ``make_presence(config, options,
+    bytes_per_block, num_ranks)`` marks a tier shared with other engines (G4): its index on the
+    leader is then a bounded presence cache, not an allocator (``num_slots`` sizes the cache;
+    the store sizes and evicts itself), and the planner asks the returned
+    :class:`~kvbm_core.presence.PresenceSource` which blocks the store holds before matching
+    (``None``: the tier is off). ``options`` declares its tuning knobs:
     core reads and parses them once (:mod:`kvbm_core.tier_options`) into ``options`` here and
     into ``TierContext.options`` on every worker.
 
@@ -106,6 +112,7 @@ class TierSpec:
     make_admission: Callable[[KvbmConfig], AdmissionPolicy] | None = None
     is_persistent: bool = False
     options: tuple[TierOption, ...] = ()
+    make_presence: Callable[[KvbmConfig, Mapping[str, Any], int, int], PresenceSource | None] | None = None
 
     def __post_init__(self) -> None:
         if self.medium != self.name:

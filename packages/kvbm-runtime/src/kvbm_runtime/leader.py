@@ -35,6 +35,8 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
 
 from kvbm_core.config import KvbmConfig
 from kvbm_core.events import EventSink
@@ -95,6 +97,7 @@ class KvbmLeaderCore:
         self._specs: dict[str, TierSpec] = {}
         self._rewinds: dict[int, Callable[[int], None]] = {}
         self.worker_metadata: dict[str, str] = {}  # rank 0's InstanceInfo.metadata, once ready
+        self._bytes_per_block = 0
         self.lock = threading.RLock()
         self._is_closed = threading.Event()
 
@@ -129,6 +132,7 @@ class KvbmLeaderCore:
         workers = [info for info in peers if info.role == WORKER]
         self.worker_metadata = dict(workers[0].metadata) if workers else {}
         bytes_per_block = sum(info.bytes_per_block for info in workers)
+        self._bytes_per_block = bytes_per_block
         sizes = self._tier_sizes(bytes_per_block)
         for info in workers:  # per rank: acknowledged delivery (broadcast is best effort)
             self.services.control.send_to_worker(info.rank, TierSizes(sizes))
@@ -160,8 +164,17 @@ class KvbmLeaderCore:
         for name, num_slots in sizes.items():
             spec = self._specs[name]
             admission = spec.make_admission(self.config) if spec.make_admission else None
-            tiers.append(TierSlots(name, num_slots, spec.stores_from, admission))
+            presence = self._presence(name)
+            tiers.append(TierSlots(name, num_slots, spec.stores_from, admission, presence))
         return tiers
+
+    def _presence(self, name: str) -> Any:
+        spec = self._specs[name]
+        if spec.make_presence is None:
+            return None
+        config = replace(self.config, model_id=self.model_id)  # keys name the model served
+        options = read_tier_options(spec.options, config)
+        return spec.make_presence(config, options, self._bytes_per_block, self.world_size)
 
     def wait_ready(self, timeout: float | None = None) -> BlockManager:
         wait = self.config.leader_worker_init_timeout_secs if timeout is None else timeout
@@ -298,6 +311,9 @@ class KvbmLeaderCore:
 
     def close(self) -> None:
         self._is_closed.set()
+        for tier in self.manager.tiers if self.manager is not None else ():
+            if tier.presence is not None:
+                tier.presence.close()
         if self.events is not None:
             self.events.close()
         if self._registration is not None:
