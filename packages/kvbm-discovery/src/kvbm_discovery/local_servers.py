@@ -13,54 +13,20 @@ Servers listen on 127.0.0.1 only. Imports no server client and no test framework
 
 from __future__ import annotations
 
-import os
-import shutil
 import socket
 import ssl
 import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from kvbm_core.local_processes import LOOPBACK, find_binary, free_port, stop_process
+
 if TYPE_CHECKING:
     from kvbm_discovery.testing import TlsFiles
 
 __all__ = ["LOOPBACK", "EtcdServer", "NatsServer", "find_binary", "free_port"]
-
-LOOPBACK = "127.0.0.1"
-
-
-def find_binary(name: str) -> str | None:
-    search = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-    return shutil.which(name, path=search)
-
-
-
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((LOOPBACK, 0))
-        return sock.getsockname()[1]
-
-
-def _stop(proc: subprocess.Popen | None) -> None:
-    if proc is None or proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(5)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(5)
-
-
-
-
-
-
 
 
 class EtcdServer:
@@ -120,7 +86,7 @@ class EtcdServer:
         raise RuntimeError(f"etcd did not become healthy in {timeout}s")
 
     def stop(self) -> None:
-        _stop(self.proc)
+        stop_process(self.proc)
         self.proc = None
 
     def restart(self, fresh: bool = True) -> None:
@@ -163,7 +129,7 @@ class NatsServer:
         raise RuntimeError("nats-server did not start in 10 s")
 
     def stop(self) -> None:
-        _stop(self.proc)
+        stop_process(self.proc)
         self.proc = None
 
     def restart(self) -> None:

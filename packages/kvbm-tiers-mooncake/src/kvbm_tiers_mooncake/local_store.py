@@ -11,25 +11,16 @@ Imports no test framework.
 
 from __future__ import annotations
 
-import os
-import shutil
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from kvbm_core.local_processes import LOOPBACK, find_binary, free_port, stop_process
+
 __all__ = ["LocalMooncake", "find_binary", "free_port", "unavailable_reason", "LOOPBACK"]
-
-LOOPBACK = "127.0.0.1"
-
-
-def find_binary(name: str) -> str | None:
-    search = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-    return shutil.which(name, path=search)
-
 
 def unavailable_reason() -> str | None:
     """Why a local store cannot run here (binaries or the client module missing), or ``None``."""
@@ -46,12 +37,6 @@ def unavailable_reason() -> str | None:
     )
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((LOOPBACK, 0))
-        return int(sock.getsockname()[1])
-
-
 def _wait_port(port: int, proc: subprocess.Popen, log: Path, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -66,17 +51,6 @@ def _wait_port(port: int, proc: subprocess.Popen, log: Path, timeout_s: float) -
     raise RuntimeError(
         f"{Path(str(log)).stem} did not listen on {port} within {timeout_s:g} s:\n{tail}"
     )
-
-
-def _stop(proc: subprocess.Popen | None) -> None:
-    if proc is None or proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(5)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(5)
 
 
 class LocalMooncake:
@@ -151,7 +125,7 @@ class LocalMooncake:
 
     def stop(self) -> None:
         for proc in reversed(self.procs):
-            _stop(proc)
+            stop_process(proc)
         self.procs = []
 
     def restart(self, timeout_s: float = 20.0) -> None:
